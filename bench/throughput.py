@@ -1,0 +1,54 @@
+"""Benchmarks: `python bench/throughput.py --suite NAME` ends with one JSON line of ratios.
+
+Each suite lives in bench/suite_<name>.py and exposes `run(args) -> dict`; ratios are measured in
+the same run (these machines are noisy), never compared against numbers from another run.
+Suites: kernels (K1-K3), sandbox (E1), env (E2), and more as the stages land. `--suite all` runs
+every suite present and merges their JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+
+
+def suites() -> list[str]:
+    return sorted(p.stem.removeprefix("suite_") for p in BENCH.glob("suite_*.py"))
+
+
+def load(name: str):
+    path = BENCH / f"suite_{name}.py"
+    spec = importlib.util.spec_from_file_location(f"suite_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="all", help=f"one of: all, {', '.join(suites())}")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (smoke check)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = parser.parse_args(argv)
+    names = suites() if args.suite == "all" else [args.suite]
+    unknown = [n for n in names if n not in suites()]
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r}; available: {', '.join(suites()) or 'none yet'}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    result: dict = {}
+    for name in names:
+        print(f"== suite {name}", file=sys.stderr, flush=True)
+        result.update(load(name).run(args))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

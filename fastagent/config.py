@@ -1,0 +1,232 @@
+"""One Config dataclass for every stage, presets as plain functions, `--field=value` overrides.
+
+Use:
+    cfg = parse_args(["--preset=smoke", "--rl_lr=1e-6"])     # from a command line
+    cfg = parse_args(["--config=run.toml", "--seed=3"])      # TOML file, then overrides
+    cfg = replace(smoke(), seed=3)                           # in code
+
+Order of application: preset (default `cpu`), then the TOML file's keys, then `--field=value` flags.
+Unknown or ill-typed fields raise `ConfigError` naming the field and the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or command line: says which field and what to do."""
+
+
+@dataclass
+class Config:
+    # --- run ---
+    stage: str = "all"  # sft | rl | all: which stages train.py runs
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, plots, trajectories
+    seed: int = 0  # seeds torch, numpy, python and the generation engine
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # --- model ---
+    model: str = "smollm2-135m-instruct"  # built-in name (smollm2-135m-instruct, tiny-random) or a HF folder
+    cache_dir: str = "~/.cache/fastagent"  # converted models, compiled C++ kernels
+    max_seq_len: int = 2048  # prompt + response tokens; longer prompts are left-truncated
+    grad_checkpointing: bool = False  # recompute activations in backward (for long contexts)
+    # --- tasks and environment ---
+    train_tasks: str = "train"  # split name (train | heldout | all) or comma-separated task names
+    eval_tasks: str = "heldout"  # the same, for evaluation
+    workers: int = 2  # sandbox pool processes running agent code
+    step_timeout_s: float = 60.0  # wall-clock limit for one Execute Script
+    step_memory_mb: int = 4096  # address-space limit for one Execute Script
+    max_episode_steps: int = 12  # agent turns per full episode (expert runs, evaluation)
+    helper_model: str = "policy"  # Edit Script (AI) / Understand File: policy | http://host/v1 (OpenAI-compatible)
+    # --- expert trajectories (exploration-enriched SFT data) ---
+    expert: str = "scripted"  # scripted | http://host/v1 (OpenAI-compatible teacher)
+    num_ideas: int = 100  # candidate improvement ideas generated per task
+    num_diverse_ideas: int = 10  # ideas kept per task by embedding distance
+    expert_episodes: int = 8  # expert episodes per training task
+    # --- SFT ---
+    sft_lr: float = 2e-5  # peak learning rate, cosine decay
+    sft_epochs: int = 2  # passes over the expert trajectories
+    batch_size: int = 64  # sequences per optimizer step (global, over ranks and accumulation)
+    micro_batch_size: int = 4  # sequences per forward/backward per rank
+    warmup_ratio: float = 0.03  # fraction of optimizer steps with linear warmup
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global grad norm (0 disables)
+    # --- step-wise RL ---
+    rl_steps: int = 100  # PPO iterations
+    states_per_step: int = 16  # expert states sampled per iteration
+    samples_per_state: int = 4  # actions sampled per state (the group for the group baseline)
+    ppo_epochs: int = 1  # passes over each rollout batch
+    rl_lr: float = 1e-6  # policy learning rate
+    critic_lr: float = 1e-5  # value head learning rate (PPO with critic)
+    advantage: str = "gae"  # gae (PPO with a critic) | group (critic-free group baseline)
+    gamma: float = 1.0  # discount (one action per sample: 1.0 is the paper's setting)
+    lam: float = 0.95  # GAE lambda
+    clip_low: float = 0.2  # PPO ratio clip below 1
+    clip_high: float = 0.28  # PPO ratio clip above 1 (clip-higher)
+    dual_clip: float = 3.0  # dual-clip bound for negative advantages (0 disables)
+    kl_coef: float = 0.0  # KL penalty to the reference policy
+    entropy_coef: float = 0.0  # entropy bonus
+    value_clip: float = 0.2  # value loss clip range
+    # --- generation ---
+    engine: str = "auto"  # auto (vllm if installed, else hf) | vllm | hf
+    temperature: float = 1.0  # sampling temperature for RL rollouts
+    top_p: float = 1.0  # nucleus sampling for RL rollouts
+    max_new_tokens: int = 512  # tokens per agent turn
+    # --- reward module (MISSION.md; constants are the paper's where published) ---
+    reward_format_error: float = -1.0  # no parsable action, unknown action, bad arguments
+    reward_invalid_action: float = -1.0  # action fails: missing file, agent script crashes
+    reward_corner_case: float = 0.0  # not the agent's fault: time limit, out of memory
+    reward_no_score: float = 0.0  # valid action that produces no new score
+    alpha_scale: float = 1.0  # multiplies every task's alpha in sigmoid(alpha * s * (m' - m))
+    # --- logging and checkpoints ---
+    log_every: int = 1  # optimizer steps between metric lines
+    save_every: int = 50  # optimizer steps between checkpoints (0: only at the end)
+    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+
+
+def smoke() -> Config:
+    """Tiny random model, two tasks, a few steps: seconds, for tests."""
+    return Config(model="tiny-random", run_dir="runs/smoke", max_seq_len=512, workers=1,
+                  step_timeout_s=30.0, max_episode_steps=4, num_ideas=8, num_diverse_ideas=3,
+                  expert_episodes=1, sft_epochs=1, batch_size=2, micro_batch_size=2, rl_steps=2,
+                  states_per_step=2, samples_per_state=2, max_new_tokens=64, rl_lr=1e-4,
+                  sft_lr=1e-4, save_every=0, tensorboard=False)
+
+
+def cpu() -> Config:
+    """SmolLM2-135M-Instruct on a 2-core CPU machine: the default."""
+    return Config(run_dir="runs/cpu", max_seq_len=2048, expert_episodes=4, batch_size=8,
+                  micro_batch_size=2, sft_lr=5e-5, rl_steps=20, states_per_step=4,
+                  samples_per_state=4, max_new_tokens=256, rl_lr=2e-6)
+
+
+def qwen2_5_7b() -> Config:
+    """The paper's scale: Qwen2.5-7B, full fine-tune, bf16, 8 GPUs."""
+    return Config(model="Qwen/Qwen2.5-7B", run_dir="runs/qwen2.5-7b", device="cuda", dtype="bf16",
+                  max_seq_len=15360, grad_checkpointing=True, workers=16, step_timeout_s=1800.0,
+                  step_memory_mb=65536, max_episode_steps=15, num_ideas=100, num_diverse_ideas=10,
+                  expert_episodes=64, sft_lr=2e-5, sft_epochs=2, batch_size=64, micro_batch_size=1,
+                  rl_steps=200, states_per_step=64, samples_per_state=4, max_new_tokens=2048)
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"smoke": smoke, "cpu": cpu, "qwen2.5-7b": qwen2_5_7b}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+FIELD_TYPES: dict[str, type] = {f.name: _TYPES[f.type] for f in fields(Config)}  # annotations are strings
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a string (CLI) or TOML value to the type of field `name`, or raise ConfigError."""
+    if name not in FIELD_TYPES:
+        raise ConfigError(f"unknown config field '{name}'{_closest(name, FIELD_TYPES)} "
+                          f"(see fastagent/config.py for every field)")
+    typ = FIELD_TYPES[name]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+    elif typ is int and not isinstance(value, bool):
+        try:
+            if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("+-").isdigit()):
+                return int(value)
+        except ValueError:
+            pass
+    elif typ is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config field '{name}' wants a {typ.__name__}, got {value!r}")
+
+
+def apply(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of cfg with overrides applied (values coerced to the field types)."""
+    return replace(cfg, **{k: coerce(k, v) for k, v in overrides.items()})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file of config fields; nested tables are flattened (their keys must be fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Build a Config from `--preset=NAME`, `--config=FILE.toml` and `--field=value` arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    preset, toml_path, overrides = "cpu", None, {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --field=value (e.g. --seed=1)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:  # a bare --flag sets a boolean field
+            if FIELD_TYPES.get(key) is not bool:
+                raise ConfigError(f"argument --{key} needs a value: --{key}=VALUE"
+                                  + ("" if key in FIELD_TYPES or key in ("preset", "config")
+                                     else _closest(key, FIELD_TYPES)))
+            value = "true"
+        if key == "preset":
+            if value not in PRESETS:
+                raise ConfigError(f"unknown preset '{value}'{_closest(value, PRESETS)} "
+                                  f"(presets: {', '.join(PRESETS)})")
+            preset = value
+        elif key == "config":
+            toml_path = value
+        else:
+            overrides[key] = value
+    cfg = PRESETS[preset]()
+    if toml_path:
+        cfg = apply(cfg, load_toml(toml_path))
+    cfg = apply(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+CHOICES = {"stage": ("sft", "rl", "all"), "device": ("auto", "cpu", "cuda"),
+           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"),
+           "engine": ("auto", "vllm", "hf")}
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges that a type alone cannot; raise ConfigError naming the field."""
+    for name, options in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in options:
+            raise ConfigError(f"config field '{name}' must be one of {', '.join(options)}; "
+                              f"got '{value}'{_closest(value, options)}")
+    for name in ("workers", "micro_batch_size", "batch_size", "max_seq_len", "max_new_tokens",
+                 "samples_per_state", "states_per_step", "ppo_epochs", "max_episode_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
+                          f"({cfg.micro_batch_size})")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
