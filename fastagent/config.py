@@ -152,7 +152,7 @@ def coerce(name: str, value: Any) -> Any:
             pass
     elif typ is str and isinstance(value, str):
         return value
-    raise ConfigError(f"config field '{name}' wants a {typ.__name__}, got {value!r}")
+    raise ConfigError(f"config field '{name}' must be of type {typ.__name__}, got {value!r}")
 
 
 def apply(cfg: Config, overrides: dict[str, Any]) -> Config:

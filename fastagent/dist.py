@@ -1,0 +1,57 @@
+"""torch.distributed set-up and teardown, rank helpers. gloo on CPU, nccl on CUDA.
+
+Works with and without torchrun: without RANK/WORLD_SIZE in the environment it is a single process
+and no process group is created.
+
+    info = dist.init("auto")      # DistInfo(rank, world, local_rank, device)
+    ...
+    dist.teardown()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global rank
+    world: int  # number of processes
+    local_rank: int  # rank on this machine (picks the GPU)
+    device: torch.device  # where this rank's model lives
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Create the process group when launched by torchrun (world > 1), pick this rank's device."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA GPU is visible; use --device=cpu or --device=auto")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
