@@ -62,16 +62,17 @@ def stage_tasks(cfg: Config, run_dir: Path) -> list:
 
 def probe_turn(cfg: Config, model, tokenizer, task, device: torch.device) -> dict:
     """One greedy agent turn on a task prompt: shows the chat format and stop tokens work end to end."""
-    from fastagent.chat import render_chat, stop_token_ids
+    from fastagent.chat import stop_token_ids, tokenize_chat
     description = task.description if task else "Improve the validation accuracy of train.py on the iris data."
     messages = [{"role": "system", "content": "You are a helpful research assistant. Answer in the format: "
                                               "Reflection, Research Plan and Status, Fact Check, Thought, "
                                               "Action, Action Input."},
                 {"role": "user", "content": description}]
-    ids = tokenizer(render_chat(messages, add_generation_prompt=True), return_tensors="pt").input_ids.to(device)
+    prompt, _ = tokenize_chat(tokenizer, messages, add_generation_prompt=True)  # the same ids SFT/RL use
+    ids = torch.tensor([prompt], device=device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=min(cfg.max_new_tokens, 96), do_sample=False,
+        out = model.generate(ids, max_new_tokens=min(cfg.max_new_tokens, 48), do_sample=False,
                              eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
     new = out[0, ids.shape[1]:]
     seconds = time.perf_counter() - t0

@@ -1,0 +1,37 @@
+"""The main job end to end, launched the way users launch it: torchrun fastagent/train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def run_main(tmp_path: Path, nproc: int, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", "fastagent/train.py", f"--run_dir={tmp_path / 'run'}", *flags]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_smoke_preset_on_two_ranks(tmp_path):
+    out = run_main(tmp_path, 2, "--preset=smoke")
+    assert "[setup] 2 rank(s) on cpu" in out.stdout and "[probe]" in out.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["probe_tokens"] > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "tiny-random"
+
+
+@pytest.mark.slow
+def test_default_main_job(tmp_path):
+    """The README's main command on its default (SmolLM2-135M-Instruct, CPU)."""
+    out = run_main(tmp_path, 1)
+    assert "smollm2-135m-instruct" in out.stdout and "[probe]" in out.stdout
