@@ -1,0 +1,113 @@
+"""Run a task's starter and reference on fresh copies of its workspace and score them: how task.toml's
+starter_score and reference_score are measured, and what tests/test_tasks.py checks.
+
+Use:
+    python -m fastagent.tasks check digits,wine-logloss      # prints scores and runtimes
+    python -m fastagent.tasks check --split train --write    # also rewrites the task.toml scores
+
+Scripts run through a fastagent.sandbox Pool when one is passed (open_pool gives one when the
+sandbox is importable: the task cache with its answers and the packaged raw datasets hidden,
+limits applied), else in a plain subprocess with the workspace as cwd and one BLAS/OpenMP thread.
+Scripts are seeded, so their scores are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import Task, materialize, score_submission
+from ._prepare import package_data_paths
+
+THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+@dataclass
+class Run:
+    script: str
+    ok: bool
+    wall_s: float
+    output: str
+    score: float | None = None
+    error: str = ""
+    workspace: Path | None = None  # the copy the script ran in
+
+
+def open_pool(hide: list[Path], workers: int = 2) -> Any:
+    """A fastagent.sandbox Pool hiding `hide` and the packaged raw datasets (package_data_paths)
+    from the scripts, or None when the sandbox is not importable (then: plain subprocesses)."""
+    try:
+        from fastagent.sandbox import Pool
+    except ImportError:
+        return None
+    return Pool(workers=workers, hide=[*hide, *package_data_paths()])
+
+
+def run_script(workspace: Path, script: str, timeout_s: float, pool: Any = None) -> Run:
+    """Run `python script` in `workspace`: through `pool` (a fastagent.sandbox Pool) when given,
+    else in a subprocess with one BLAS/OpenMP thread."""
+    t0 = time.perf_counter()
+    if pool is not None:
+        from fastagent.sandbox import Limits
+        res = pool.run(workspace=workspace, script=script,
+                       limits=Limits(wall_s=timeout_s, memory_mb=8192), readonly=[workspace / "data"])
+        return Run(script, res.cause == "ok", res.wall_s, res.output)
+    env = {**os.environ, **THREAD_ENV}
+    try:
+        p = subprocess.run([sys.executable, script], cwd=workspace, env=env, capture_output=True,
+                           text=True, timeout=timeout_s)
+        return Run(script, p.returncode == 0, time.perf_counter() - t0, p.stdout + p.stderr)
+    except subprocess.TimeoutExpired as e:
+        return Run(script, False, time.perf_counter() - t0, f"timeout after {timeout_s}s: {e.stdout}")
+
+
+def check_task(task: Task, cache: Path, seed: int = 0, scripts: tuple[str, ...] = ("train.py", "reference.py"),
+               scratch: Path | None = None, pool: Any = None, keep: bool = False) -> list[Run]:
+    """Materialize `task` under `cache`, run each script on its own fresh copy of the workspace
+    (under `scratch`, which must lie outside `cache` when a pool hides `cache`), score its
+    submission.csv. With keep=True the copies stay (Run.output names them) for further checks."""
+    workspace, answers = materialize(task, cache, seed)
+    runs = []
+    for script in scripts:
+        ws = Path(tempfile.mkdtemp(prefix=f"{task.name}-{Path(script).stem}-", dir=scratch)) / "ws"
+        shutil.copytree(workspace, ws)
+        if script != "train.py":
+            shutil.copy(task.dir / script, ws / script)
+        run = run_script(ws, script, task.time_limit_s, pool)
+        run.workspace = ws
+        if run.ok:
+            try:
+                run.score = score_submission(task, ws, answers)
+            except ValueError as e:
+                run.ok, run.error = False, str(e)
+        runs.append(run)
+        if not keep:
+            shutil.rmtree(ws.parent, ignore_errors=True)
+    return runs
+
+
+def alpha_for(starter: float, reference: float) -> float:
+    """Reward scale: a move from the starter to the reference gives sigmoid(4) ~ 0.98."""
+    gap = abs(reference - starter)
+    return float(f"{4.0 / gap:.3g}") if gap > 0 else 1.0
+
+
+def write_scores(task: Task, starter: float, reference: float) -> None:
+    """Rewrite starter_score, reference_score and alpha in the task's task.toml."""
+    path = task.dir / "task.toml"
+    text = path.read_text()
+    for key, value in (("starter_score", starter), ("reference_score", reference),
+                       ("alpha", alpha_for(starter, reference))):
+        # Keep a trailing comment on the line, replace only the value.
+        text, n = re.subn(rf"(?m)^{key}\s*=[^#\n]*?(\s*#.*)?$", lambda m: f"{key} = {value:.6g}" + (m[1] or ""), text)
+        if n != 1:
+            raise ValueError(f"{path}: expected exactly one '{key} =' line")
+    path.write_text(text)

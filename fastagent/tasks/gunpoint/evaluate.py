@@ -1,0 +1,8 @@
+"""Score gunpoint submissions: binary log loss of the `point` probabilities."""
+from pathlib import Path
+
+from fastagent.tasks._grading import score_csv
+
+
+def score(submission: Path, answers: Path) -> float:
+    return score_csv(submission, answers / "test.csv", "log_loss", ["point"])

@@ -1,0 +1,8 @@
+"""Score rhyme-pairs submissions: Pearson correlation of `similarity`."""
+from pathlib import Path
+
+from fastagent.tasks._grading import score_csv
+
+
+def score(submission: Path, answers: Path) -> float:
+    return score_csv(submission, answers / "test.csv", "pearson", ["similarity"])

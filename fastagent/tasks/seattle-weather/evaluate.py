@@ -1,0 +1,8 @@
+"""Score seattle-weather submissions: accuracy of `weather`."""
+from pathlib import Path
+
+from fastagent.tasks._grading import score_csv
+
+
+def score(submission: Path, answers: Path) -> float:
+    return score_csv(submission, answers / "test.csv", "accuracy", ["weather"])
