@@ -1,0 +1,270 @@
+"""Benchmark suite `kernels`: fused lm_head + loss and the log-prob op (K1), GAE (K2), PPO loss (K3).
+
+    python bench/throughput.py --suite kernels [--quick] [--threads 2]
+    python bench/suite_kernels.py --gpu [--quick]      # CUDA: Qwen2.5-7B shapes (bench/gpu_check.sh)
+
+K1 (DESIGN.md), at T=4096, H=576, V=49152, fp32, 2 torch threads (--quick: T=512, V=8192):
+  K1_time_ratio      fused_linear_cross_entropy fwd+bwd time / naive fwd+bwd; target <= 1.0
+  K1_mem_ratio       its peak extra memory / naive's; target <= 0.125
+  K1_fwd_time_ratio  logprob() forward under no_grad / naive forward under no_grad; target <= 1.0
+  K1_fwd_mem_ratio   the same pair's peak extra memory ratio
+  K1_ppo_time_ratio, K1_ppo_mem_ratio  fused_linear_ppo_loss vs naive logp -> ppo_loss_ref, fwd+bwd
+  K1_<variant>_s, K1_<variant>_mb      the raw numbers behind the ratios
+naive = log_softmax(h @ W.T).gather(labels): what most RL stacks run.
+Time: all variants in this process, interleaved round by round (naive, fused, ..., naive, fused,
+...) so machine load hits them alike; each variant's minimum over the rounds.
+Memory: each variant in its own fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536 (every tensor
+over 64 KiB is its own mapping, returned at free, so the resident set tracks live tensors); peak
+extra memory = growth of the peak resident set (VmHWM, reset via /proc/self/clear_refs) over the
+resident set just before one fwd+bwd, inputs allocated and a small warm-up run done. Gradients
+the run produces (hidden and weight) count in both variants.
+K2/K3 come from bench/_kernels_b.py (bench_gae, bench_ppo), merged when that file exists.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+VARIANTS = ("naive", "fused_ce", "naive_fwd", "logprob_fwd", "naive_ppo", "fused_ppo")
+PPO_ARGS = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, entropy_coef=0.0)
+
+
+def _make_steps(t: int, h: int, v: int, device: str = "cpu", dtype=None) -> tuple[dict, tuple]:
+    """Inputs and one closure per variant: ({variant: (step, no_grad)}, (hidden, weight, labels))."""
+    import torch
+
+    from fastagent.kernels import fused_linear_cross_entropy, fused_linear_ppo_loss, logprob
+    from fastagent.kernels.ppo_loss import ppo_loss_ref
+
+    dtype = dtype or torch.float32
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(t, h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * h ** -0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, v, (t,), generator=g).to(device)
+    w = torch.full((t,), 1.0 / t, device=device)
+    old_logp = (-torch.rand(t, generator=g) * 5 - 8).to(device)  # near a random lm_head's log-probs
+    adv = torch.randn(t, generator=g).to(device)
+
+    def naive_logp():
+        logits = (hidden @ weight.T).float()  # (T, V)
+        return torch.log_softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+
+    steps = {
+        "naive": (lambda: (-(w * naive_logp()).sum()).backward(), False),
+        "fused_ce": (lambda: fused_linear_cross_entropy(hidden, weight, labels, w).backward(), False),
+        "naive_fwd": (naive_logp, True),
+        "logprob_fwd": (lambda: logprob(hidden, weight, labels), True),
+        "naive_ppo": (lambda: ppo_loss_ref(naive_logp(), old_logp, adv, w, **PPO_ARGS)[0].backward(),
+                      False),
+        "fused_ppo": (lambda: fused_linear_ppo_loss(hidden, weight, labels, old_logp, adv, w,
+                                                    **PPO_ARGS)[0].backward(), False),
+    }
+    return steps, (hidden, weight, labels)
+
+
+def _run_once(step, no_grad: bool, params) -> None:
+    import torch
+
+    for p in params:
+        p.grad = None  # labels have none: harmless
+    with torch.set_grad_enabled(not no_grad):
+        step()
+
+
+# ---------------------------------------------------------------- memory (one variant per process)
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def mem_worker(variant: str, t: int, h: int, v: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    small, _ = _make_steps(64, h, 1024)  # warm-up: C++ load, MKL/OpenMP thread start
+    _run_once(small[variant][0], small[variant][1], ())
+    steps, params = _make_steps(t, h, v)
+    del small
+    gc.collect()
+    rss0 = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    _run_once(*steps[variant], params)
+    return {"peak_extra_bytes": (_status_kb("VmHWM") - rss0) * 1024}
+
+
+def _mem(variant: str, shape: tuple[int, int, int], threads: int) -> int:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-worker", variant,
+           *map(str, shape), str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory worker {variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# ---------------------------------------------------------------- time (interleaved, in process)
+def _times(shape: tuple[int, int, int], threads: int, rounds: int) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(threads)
+    small, _ = _make_steps(64, shape[1], 1024)
+    for step, no_grad in small.values():  # warm-up
+        _run_once(step, no_grad, ())
+    steps, params = _make_steps(*shape)
+    best = {name: float("inf") for name in steps}
+    for r in range(rounds):
+        for name, (step, no_grad) in steps.items():
+            t0 = time.perf_counter()
+            _run_once(step, no_grad, params)
+            best[name] = min(best[name], time.perf_counter() - t0)
+            print(f"   K1 round {r}: {name} {time.perf_counter() - t0:.3f} s", file=sys.stderr, flush=True)
+    return best
+
+
+def bench_k1(quick: bool, threads: int) -> dict:
+    shape = (512, 576, 8192) if quick else (4096, 576, 49152)
+    times = _times(shape, threads, rounds=2 if quick else 3)
+    mem = {name: _mem(name, shape, threads) for name in VARIANTS}
+    out = {"K1_shape": "T=%d,H=%d,V=%d" % shape, "K1_threads": threads}
+    for name in VARIANTS:
+        out[f"K1_{name}_s"] = round(times[name], 4)
+        out[f"K1_{name}_mb"] = round(mem[name] / 2**20, 1)
+    for key, (a, b) in {"": ("fused_ce", "naive"), "_fwd": ("logprob_fwd", "naive_fwd"),
+                        "_ppo": ("fused_ppo", "naive_ppo")}.items():
+        out[f"K1{key}_time_ratio"] = round(times[a] / times[b], 4)
+        out[f"K1{key}_mem_ratio"] = round(mem[a] / max(mem[b], 1), 4)
+    return out
+
+
+def _kernels_b():
+    path = BENCH / "_kernels_b.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("_kernels_b", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args) -> dict:
+    threads = args.threads or 2
+    result = bench_k1(args.quick, threads)
+    b = _kernels_b()
+    if b is not None:  # GAE (K2) and PPO loss (K3), from the GAE / PPO kernels' author
+        result.update(b.bench_gae(args.quick))
+        result.update(b.bench_ppo(args.quick))
+    return result
+
+
+# ---------------------------------------------------------------- GPU (bench/gpu_check.sh)
+def _cuda_step_stats(step, no_grad: bool, params) -> tuple[float, int]:
+    """(median ms over CUDA-event timed runs, peak extra bytes of one run, CUDA allocator)."""
+    import torch
+    import triton
+
+    ms = triton.testing.do_bench(lambda: _run_once(step, no_grad, params), warmup=2, rep=20,
+                                 return_mode="median")
+    for p in params:
+        p.grad = None  # grads of the timed runs are not part of this run's peak
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _run_once(step, no_grad, params)
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() - base
+
+
+def _liger_step(hidden, weight, labels):
+    """Liger-Kernel's fused linear cross entropy (token mean), or None when not installed."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+    return lambda: loss_fn(weight, hidden, labels).backward()
+
+
+def _row_pass_gbs(t: int, v: int, dtype, device: str = "cuda") -> dict:
+    """Achieved GB/s of the Triton row passes on one (C, V) chunk: stats reads C*V values,
+    grad reads and writes them."""
+    import torch
+    import triton
+
+    from fastagent.kernels.logprob_triton import row_grad_, row_stats
+
+    c = min(t, 1024)
+    logits = torch.randn(c, v, device=device).to(dtype)
+    labels = torch.randint(0, v, (c,), device=device)
+    logp, ent, lse = row_stats(logits, labels, 1.0)
+    dlogp = torch.randn(c, device=device)
+    nbytes = c * v * logits.element_size()
+    stats_ms = triton.testing.do_bench(lambda: row_stats(logits, labels, 1.0), return_mode="median")
+    work = logits.clone()
+    grad_ms = triton.testing.do_bench(lambda: row_grad_(work, labels, lse, ent, dlogp, dlogp, 1.0),
+                                      return_mode="median")
+    return {"row_stats_gbs": round(nbytes / stats_ms / 1e6, 1),
+            "row_grad_gbs": round(2 * nbytes / grad_ms / 1e6, 1)}
+
+
+def _matmul_floor(hidden, weight):
+    """The three matmuls any lm_head fwd+bwd needs (logits, grad_hidden, grad_weight), bf16."""
+    def step():
+        logits = hidden @ weight.T  # (T, V)
+        logits @ weight  # grad_hidden
+        logits.T @ hidden  # grad_weight
+    return step
+
+
+def gpu_bench(quick: bool, h: int = 3584, v: int = 152064, tokens: tuple[int, ...] = (4096, 16384),
+              device: str = "cuda") -> dict:
+    """Qwen2.5-7B lm_head shapes (H=3584, V=152064), bf16: ours vs torch (and Liger if installed)."""
+    import torch
+
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for t in (tokens[:1] if quick else tokens):
+        steps, params = _make_steps(t, h, v, device=device, dtype=torch.bfloat16)
+        steps["matmul_floor"] = (_matmul_floor(params[0].detach(), params[1].detach()), True)
+        liger = _liger_step(*params)
+        if liger is not None:
+            steps["liger_ce"] = (liger, False)
+        for name, (step, no_grad) in steps.items():
+            try:
+                ms, peak = _cuda_step_stats(step, no_grad, params)
+            except Exception as exc:  # e.g. another Liger API version: report, keep going
+                out[f"T{t}_{name}_error"] = repr(exc)[:200]
+                continue
+            out[f"T{t}_{name}_ms"] = round(ms, 2)
+            out[f"T{t}_{name}_peak_mb"] = round(peak / 2**20, 1)
+            print(f"   T={t} {name}: {ms:.2f} ms, peak extra {peak / 2**20:.0f} MiB", file=sys.stderr,
+                  flush=True)
+        for a, b in (("fused_ce", "naive"), ("logprob_fwd", "naive_fwd"), ("fused_ppo", "naive_ppo"),
+                     ("fused_ce", "liger_ce"), ("fused_ce", "matmul_floor")):
+            if f"T{t}_{a}_ms" in out and f"T{t}_{b}_ms" in out:
+                out[f"T{t}_{a}_over_{b}_time"] = round(out[f"T{t}_{a}_ms"] / out[f"T{t}_{b}_ms"], 3)
+                out[f"T{t}_{a}_over_{b}_mem"] = round(
+                    out[f"T{t}_{a}_peak_mb"] / max(out[f"T{t}_{b}_peak_mb"], 1e-3), 3)
+        del steps, params
+        torch.cuda.empty_cache()
+    for dtype in (torch.bfloat16, torch.float32):
+        r = _row_pass_gbs(4096, v, dtype, device)
+        out.update({f"{k}_{str(dtype).removeprefix('torch.')}": x for k, x in r.items()})
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "--mem-worker":
+        name, *nums = sys.argv[2:]
+        print(json.dumps(mem_worker(name, *map(int, nums))), flush=True)
+    elif "--gpu" in sys.argv:
+        print(json.dumps(gpu_bench("--quick" in sys.argv)), flush=True)
+    else:
+        sys.exit("run through bench/throughput.py --suite kernels, or: suite_kernels.py --gpu [--quick]")

@@ -1,0 +1,400 @@
+"""The zygote: a fresh interpreter that preloads the ML stack and forks one supervisor per job.
+
+Started by fastagent.sandbox.Pool as `python -c "from fastagent._sandbox_zygote import main; main()"
+FD` with one end of a SOCK_SEQPACKET control socket. It works out which isolation the kernel
+allows (by staging a real standby before the heavy imports, when forking is cheap), imports numpy,
+pandas, scikit-learn and torch once, then keeps `workers` standby supervisors ready (each with its
+namespaces made and its job process's root staged) and hands each incoming job to one. Results go
+from the supervisors straight to the pool over the same socket. When the pool goes away (EOF) or
+asks it to exit, it SIGKILLs every supervisor (their jobs die with them) and exits. Not a public API.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import select
+import selectors
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+from fastagent import _sandbox_child as child
+from fastagent import _sandbox_supervisor as supervisor
+from fastagent import _sandbox_sys as ss
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
+# Dataset files that ship inside packages, with their labels: hidden from agent code.
+DATASET_DIRS = ("sklearn/datasets/data", "sklearn/datasets/descr", "sklearn/datasets/images",
+                "statsmodels/datasets", "vega_datasets/_data", "palmerpenguins/data",
+                "sktime/datasets/data", "mlxtend/data/data", "pydataset/resources",
+                "seaborn-data", "pmlb/datasets", "keras/datasets/data")
+# Host secrets that stay covered even where /etc is visible (root-owned, readable by uid 0 jobs).
+SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers",
+                "/etc/sudoers.d", "/etc/ssh", "/etc/ssl/private")
+NOBODY = 65534
+
+
+def _is_python_file(name: str) -> bool:
+    return name.endswith(child._KEEP_SUFFIXES) or name == "py.typed"
+
+
+def data_paths(root: str) -> tuple[list[str], list[str]]:
+    """Every non-Python file below root, as (dirs, files) to hide: a directory that holds no Python
+    file at any depth is hidden whole, so packages still import while their data cannot be read."""
+    has_py: dict[str, bool] = {}
+    for path, dirs, files in os.walk(root, topdown=False):
+        has_py[path] = any(_is_python_file(f) for f in files) or any(
+            has_py.get(os.path.join(path, d), False) for d in dirs)
+    if not has_py.get(root, False):
+        return ([root], []) if os.path.isdir(root) else ([], [])
+    hide_dirs, hide_files = [], []
+    for path, dirs, files in os.walk(root):
+        for d in list(dirs):
+            full = os.path.join(path, d)
+            if d == "__pycache__" or os.path.islink(full):
+                dirs.remove(d)
+            elif not has_py.get(full, False):
+                hide_dirs.append(full)
+                dirs.remove(d)
+        hide_files += [os.path.join(path, f) for f in files if not _is_python_file(f)]
+    return hide_dirs, hide_files
+
+
+def _under_any(path: str, bases) -> bool:
+    return any(child._under(path, b) for b in bases)
+
+
+def build_plan(cfg: dict) -> dict:
+    """What every job sees: read-only binds, symlinks, hidden paths, environment (JSON-able)."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    project = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))
+    binds, symlinks = [], []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path) and os.path.dirname(path) == "/":
+            symlinks.append((path, os.readlink(path)))
+        elif os.path.isdir(path):
+            binds.append(path)
+    python = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))]
+    python += [p for p in sys.path if p and os.path.isdir(p) and os.path.abspath(p) != project]
+    for path in python:
+        for p in {os.path.abspath(path), os.path.realpath(path)}:
+            if p != "/" and not child._under(home, p) and os.getcwd() != p:  # never all of home
+                binds.append(p)
+    kept = []
+    for path in sorted(set(binds)):
+        if not _under_any(path, kept):
+            kept.append(path)
+    hide_dirs, hide_files = [], []
+    site = sorted({p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)})
+    for sp in site:
+        for rel in DATASET_DIRS:
+            d, f = data_paths(os.path.join(sp, rel))
+            hide_dirs += d
+            hide_files += f
+    for path in SECRET_FILES:
+        if os.path.lexists(path) and not os.path.islink(path):
+            (hide_dirs if os.path.isdir(path) else hide_files).append(path)
+    package = os.path.dirname(os.path.abspath(child.__file__))
+    if _under_any(package, kept):  # an installed fastagent carries task answers: jobs never need it
+        hide_dirs.append(package)
+    pool_hides = [os.path.abspath(p) for p in cfg["hide"]]
+    for p in pool_hides:
+        if _under_any(p, kept) and os.path.lexists(p):
+            (hide_dirs if os.path.isdir(p) else hide_files).append(p)
+    venv = sys.prefix != sys.base_prefix
+    env = {"PATH": ":".join([os.path.join(sys.prefix, "bin")] * venv + ["/usr/local/bin", "/usr/bin", "/bin"]),
+           "HOME": "/tmp/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg", "MALLOC_ARENA_MAX": "2",
+           **{k: str(cfg["threads"]) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                "MKL_NUM_THREADS")}}
+    if venv:
+        env["VIRTUAL_ENV"] = sys.prefix
+    env.update(cfg["env"])
+    return {"mode": "namespaces", "uidmode": "user", "uid": os.getuid(), "gid": os.getgid(),
+            "binds": kept, "symlinks": symlinks, "hide_dirs": sorted(set(hide_dirs)),
+            "hide_files": sorted(set(hide_files)), "pool_hides": pool_hides, "baseline_mb": 0,
+            "tmp_mb": cfg["tmp_mb"], "strip_sys_path": [project], "job_env": env,
+            "landlock_abi": ss.landlock_abi(), "seccomp": True}
+
+
+def _make_idmap_userns() -> int:
+    """An empty user namespace mapping uid/gid 0 to nobody: used to idmap workspaces so that files
+    owned by root on disk belong to the job (running as nobody), and its files are stored as root."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            ss.unshare(ss.NEWUSER)
+        finally:
+            os.write(w, b"x")
+            os.close(w)
+        signal.pause()
+        os._exit(0)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+    try:
+        _write_maps(pid, f"0 {NOBODY} 1", f"0 {NOBODY} 1")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _write_maps(pid: int, uid_map: str, gid_map: str) -> None:
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(uid_map)
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(gid_map)
+
+
+class Standby:
+    def __init__(self, pid: int, sock: socket.socket, pidfd: int, uidmode: str):
+        self.pid, self.sock, self.pidfd, self.uidmode = pid, sock, pidfd, uidmode
+        self.state, self.error, self.sock_open = "starting", "", True
+
+
+class Zygote:
+    def __init__(self, ctrl: socket.socket, cfg: dict):
+        self.ctrl, self.cfg = ctrl, cfg
+        self.sel = selectors.DefaultSelector()
+        self.standbys: dict[int, Standby] = {}
+        self.idle = {"nobody": 0, "root": 0, "user": 0}  # handed to the pool, not yet taken
+        self.idmap_fd = -1
+        self.failures, self.last_error = 0, ""
+        self.plan = build_plan(cfg)
+        self.probe_log: list[str] = []
+        self.handing = True  # False while probing: a ready standby is kept, not handed over
+
+    # ------------------------------------------------------------------ standbys
+    def plan_for(self, uidmode: str) -> dict:
+        uid = {"nobody": NOBODY, "root": 0}.get(uidmode, os.getuid())
+        gid = {"nobody": NOBODY, "root": 0}.get(uidmode, os.getgid())
+        return {**self.plan, "uidmode": uidmode, "uid": uid, "gid": gid}
+
+    def spawn(self, uidmode: str) -> Standby:
+        zs, ts = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ts.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        plan = self.plan_for(uidmode)
+        pid = os.fork()
+        if pid == 0:  # T: drop everything of the zygote's that T must not hold
+            ss.set_pdeathsig(signal.SIGKILL)
+            for sb in self.standbys.values():
+                if sb.sock_open:
+                    sb.sock.close()
+                os.close(sb.pidfd)
+            zs.close()
+            self.sel.close()
+            self.ctrl.close()
+            if self.idmap_fd >= 0:
+                os.close(self.idmap_fd)
+            supervisor.supervisor_main(ts, plan)
+        ts.close()
+        sb = Standby(pid, zs, os.pidfd_open(pid), uidmode)
+        self.standbys[pid] = sb
+        self.sel.register(zs, selectors.EVENT_READ, ("sock", sb))
+        self.sel.register(sb.pidfd, selectors.EVENT_READ, ("exit", sb))
+        return sb
+
+    def _close_sock(self, sb: Standby) -> None:
+        if sb.sock_open:
+            self.sel.unregister(sb.sock)
+            sb.sock.close()
+            sb.sock_open = False
+
+    def on_standby_msg(self, sb: Standby) -> None:
+        try:
+            msg = sb.sock.recv(65536)
+        except OSError:
+            msg = b""
+        if msg == b"unshared":
+            plan = self.plan_for(sb.uidmode)
+            try:
+                _write_maps(sb.pid, f"{plan['uid']} {plan['uid']} 1", f"{plan['gid']} {plan['gid']} 1")
+                sb.sock.send(b"mapped")
+            except OSError as e:
+                sb.error = f"writing uid/gid maps: {e}"
+                os.kill(sb.pid, signal.SIGKILL)
+        elif msg == b"ready":
+            sb.state = "ready"
+            self.failures = 0
+            if self.handing:  # from now on T talks to the pool only
+                socket.send_fds(self.ctrl, [json.dumps({"op": "standby", "uidmode": sb.uidmode,
+                                                        "pid": sb.pid}).encode()], [sb.sock.fileno()])
+                self.idle[sb.uidmode] += 1
+                self._close_sock(sb)
+        elif msg.startswith(b"failed"):
+            sb.error = msg.decode("utf-8", "replace")
+            os.kill(sb.pid, signal.SIGKILL)
+        elif not msg:
+            self._close_sock(sb)
+
+    def on_standby_exit(self, sb: Standby) -> None:
+        os.waitpid(sb.pid, 0)
+        self._close_sock(sb)
+        self.sel.unregister(sb.pidfd)
+        os.close(sb.pidfd)
+        del self.standbys[sb.pid]
+        if sb.state != "ready" and sb.error:
+            self.failures += 1
+            self.last_error = sb.error
+            print(f"sandbox standby failed: {sb.error}", file=sys.stderr, flush=True)
+
+    def send(self, msg: dict, fds: list[int] = ()) -> None:
+        socket.send_fds(self.ctrl, [json.dumps(msg).encode()], list(fds))
+
+    def top_up(self) -> None:
+        """Keep `workers` standbys of the default mode starting or waiting in the pool."""
+        if self.failures >= 3:
+            self.send({"op": "fatal", "error": f"cannot start sandboxed workers: {self.last_error}"})
+            raise SystemExit(1)
+        mode = self.plan["uidmode"]
+        starting = sum(1 for s in self.standbys.values() if s.state == "starting" and s.uidmode == mode)
+        for _ in range(self.cfg["workers"] - starting - self.idle[mode]):
+            self.spawn(mode)
+
+    def on_ctrl(self) -> bool:
+        """A message from the pool; False when the zygote should exit."""
+        msg = self.ctrl.recv(65536)
+        if not msg:
+            return False
+        op = json.loads(msg)
+        if op["op"] == "took":  # the pool gave a standby a job: make its replacement
+            self.idle[op["uidmode"]] = max(0, self.idle[op["uidmode"]] - 1)
+        elif op["op"] == "need":  # a job needs a standby of another uid mode (see workspace_fds)
+            self.spawn(op["uidmode"])
+        return op["op"] != "exit"
+
+    def loop(self) -> None:
+        self.sel.register(self.ctrl, selectors.EVENT_READ, ("ctrl", None))
+        while True:
+            self.top_up()
+            for key, _ in self.sel.select():
+                kind, sb = key.data
+                if kind == "ctrl":
+                    if not self.on_ctrl():
+                        return
+                elif kind == "sock":
+                    self.on_standby_msg(sb)
+                elif sb.pid in self.standbys:
+                    self.on_standby_exit(sb)
+
+    def shutdown(self) -> None:
+        """End every supervisor: SIGTERM makes each kill its job's PID 1 and wait until the job's
+        namespace is empty; SIGKILL whoever has not exited within 10 s."""
+        for sb in self.standbys.values():
+            os.kill(sb.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for sb in list(self.standbys.values()):
+            if not select.select([sb.pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                os.kill(sb.pid, signal.SIGKILL)
+            os.waitpid(sb.pid, 0)
+
+    # ------------------------------------------------------------------ start-up
+    def probe(self) -> bool:
+        """Stage one real standby in the current plan's mode; True when it got ready."""
+        self.handing = False
+        sb = self.spawn(self.plan["uidmode"])
+        deadline = time.monotonic() + 60
+        while sb.pid in self.standbys and sb.state != "ready" and time.monotonic() < deadline:
+            for key, _ in self.sel.select(timeout=1.0):
+                kind, s = key.data
+                if kind == "sock":
+                    self.on_standby_msg(s)
+                elif kind == "exit" and s.pid in self.standbys:
+                    self.on_standby_exit(s)
+        ok = sb.state == "ready"
+        if sb.pid in self.standbys:
+            os.kill(sb.pid, signal.SIGKILL)
+            self.on_standby_exit(sb)
+        self.probe_log.append(f"{self.plan['mode']}/{self.plan['uidmode']}: "
+                              f"{'ok' if ok else (sb.error or self.last_error or 'failed')}")
+        self.failures, self.handing = 0, True
+        return ok
+
+    def choose_isolation(self) -> None:
+        want = self.cfg["isolation"]
+        if want in ("auto", "namespaces"):
+            modes = ["nobody", "root"] if os.geteuid() == 0 else ["user"]
+            for uidmode in modes:
+                self.plan["uidmode"] = uidmode
+                if uidmode == "nobody":
+                    try:
+                        self.idmap_fd = _make_idmap_userns()
+                    except OSError as e:
+                        self.probe_log.append(f"namespaces/nobody: idmap user namespace: {e}")
+                        continue
+                if self.probe():
+                    return
+        if want in ("auto", "landlock") and self.plan["landlock_abi"]:
+            self.plan.update(mode="landlock", uidmode="user")
+            if self.probe():
+                return
+        if want == "none" or self.cfg["allow_unisolated"]:
+            self.plan.update(mode="none", uidmode="user", landlock_abi=0, seccomp=False)
+            return
+        self.send({"op": "fatal", "error": "no isolation layer works on this machine: "
+                   + "; ".join(self.probe_log) + " (Pool(allow_unisolated=True) runs jobs with limits only)"})
+        raise SystemExit(1)
+
+    def preload(self) -> list[str]:
+        loaded = []
+        for name in self.cfg["preload"]:
+            try:
+                __import__(name)
+                loaded.append(name)
+            except Exception as e:  # noqa: BLE001 - a missing optional library is fine
+                print(f"sandbox: preload {name} failed: {e}", file=sys.stderr, flush=True)
+        if "sklearn.linear_model" in sys.modules:  # pull in what a first fit imports lazily
+            import numpy as np
+            x = np.arange(40.0).reshape(20, 2)
+            sys.modules["sklearn.linear_model"].LogisticRegression().fit(x, np.arange(20) % 2)
+        gc.collect()
+        gc.freeze()  # the children never collect these objects, so never copy their pages
+        self.plan["huge_mb"] = ss.collapse_huge_pages() >> 20
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize"))
+        self.plan["baseline_mb"] = vm // 1024 + 64
+        return loaded
+
+
+def isolation_report(plan: dict, probe_log: list[str], preloaded: list[str]) -> dict:
+    ns = plan["mode"] == "namespaces"
+    uid = {"nobody": f"nobody ({NOBODY}) on the host, workspace idmapped",
+           "root": "uid 0 without capabilities", "user": "the pool's own uid"}[plan["uidmode"]]
+    return {"mode": plan["mode"], "user_ns": ns, "mount_ns": ns, "net_ns": ns, "pid_ns": ns,
+            "ipc_ns": ns, "uts_ns": ns, "job_uid": uid,
+            "landlock_abi": plan["landlock_abi"] if plan["mode"] == "landlock" else 0,
+            "seccomp_net": plan["mode"] == "landlock" and plan["seccomp"],
+            "rlimits": True, "hidden_paths": len(plan["hide_dirs"]) + len(plan["hide_files"]),
+            "readonly_binds": plan["binds"], "preloaded": preloaded, "probe": probe_log,
+            "baseline_mb": plan["baseline_mb"], "zygote_huge_pages_mb": plan.get("huge_mb", 0)}
+
+
+def main() -> None:
+    ctrl = socket.socket(fileno=int(sys.argv[1]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when the zygote ends
+    cfg = json.loads(ctrl.recv(1 << 20))
+    os.chdir("/")
+    tempfile.tempdir = None
+    zyg = Zygote(ctrl, cfg)
+    try:
+        zyg.choose_isolation()
+        preloaded = zyg.preload()
+        zyg.send({"op": "ready", "pid": os.getpid(), "uidmode": zyg.plan["uidmode"],
+                  "isolation": isolation_report(zyg.plan, zyg.probe_log, preloaded)},
+                 [zyg.idmap_fd] if zyg.idmap_fd >= 0 else [])
+        zyg.loop()
+    except SystemExit:
+        pass
+    finally:
+        zyg.shutdown()
+    os._exit(0)

@@ -1,0 +1,278 @@
+"""Sandboxed, forked process pool that runs agent-written code (one Execute Script per job).
+
+Use:
+    from fastagent.sandbox import Pool, Limits, Result
+    with Pool(workers=2, hide=[Path("/data/answers")]) as pool:       # extra paths to hide
+        fut = pool.submit(workspace=ws, script="train.py", args=["--x", "1"],
+                          limits=Limits(wall_s=60, memory_mb=4096), readonly=[ws / "data"])
+        res: Result = fut.result()          # res.cause, res.output, res.wall_s, ...
+        res = pool.run(workspace=ws, argv=["python", "-c", "print(1)"])   # blocking shortcut
+    pool.isolation                          # which layers are active on this machine
+
+Speed: a zygote (a fresh interpreter, never a fork of the caller) imports numpy, pandas,
+scikit-learn and torch once; each job is a fork of it whose namespaces and root were prepared
+ahead of time, so `python train.py` costs a few tens of milliseconds instead of seconds. Python
+commands (`argv[0] == "python"`, or `script=`) run in the fork through runpy as `__main__` with
+sys.argv set; any other argv[0] is exec'd.
+
+Process tree: caller (Pool) -> zygote -> one supervisor T per job -> the job J. T and J are made
+before the job arrives (standby); T drains J's output, enforces the wall clock and reports.
+
+ISOLATION, namespace mode (the default wherever the kernel allows unprivileged user namespaces):
+  * Each job gets its own user, mount, network, PID, IPC and UTS namespaces and its own session.
+    It runs with no capabilities at all (empty bounding set, locked securebits, no_new_privs) as
+    `nobody` when the pool runs as root (the workspace is an idmapped mount, so the job can write
+    it and its files are stored as root on disk) or as the pool's own uid otherwise.
+  * Filesystem: a new root (pivot_root; the host root is detached) that holds only read-only binds
+    of /usr, /bin, /sbin, /lib*, /etc, /sys and the Python installation (prefixes, site-packages,
+    also when they live under a home directory), the workspace read-write, `readonly=` paths
+    read-only, a private size-limited /tmp and /dev/shm that vanish with the job, a fresh /proc and
+    a minimal /dev. Everything else does not exist for the job: home directories, other
+    workspaces, the project, task answers. Dataset files that ship inside site-packages (sklearn,
+    statsmodels, vega_datasets, palmerpenguins, sktime, mlxtend, ...) and every `hide=` path that
+    is visible (e.g. inside the workspace) are covered by empty unreadable mounts (EACCES), so
+    `sklearn.datasets.load_digits()` fails while `import sklearn` works. Nothing the job can see
+    outside its workspace and temp dirs is writable. Without capabilities the job cannot unmount
+    the covers; in a nested user namespace the kernel locks them.
+  * Network: a new network namespace whose loopback is down: no connect, bind, DNS or host
+    abstract unix sockets, loopback included.
+  * Processes: the job is PID 1 of its PID namespace and sees (in /proc too) only its own
+    processes, never the pool's or anyone else's. At the end or on timeout, SIGKILL to PID 1 makes
+    the kernel kill every process in the namespace, setsid and double-forked ones included.
+  * Limits (per job): RLIMIT_AS = memory_mb (above the preloaded zygote's own address space for
+    Python jobs), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC (counted per job: each job
+    has its own user namespace), no core files, the wall clock, /tmp size. Output goes through
+    pipes that the job's supervisor always drains into files capped at file_mb (a flood cannot
+    block or fill the disk); the observation is the head and tail of stdout+stderr in order.
+
+NOT guaranteed:
+  * It is not a VM: jobs share the host kernel, so a kernel exploit escapes; there is no syscall
+    filter in namespace mode.
+  * No cgroups: CPU time and memory bandwidth are not partitioned (a job can slow its
+    neighbours); memory is capped per process, so a job's whole tree may use up to nproc x
+    memory_mb.
+  * Disk: RLIMIT_FSIZE caps each file; the workspace has no quota, so many files can fill its disk
+    within the wall time.
+  * World-readable host configuration under /etc, /usr and /sys stays readable.
+  * Files a job leaves in its workspace are untrusted (symlinks, huge files, odd names): open them
+    with care (O_NOFOLLOW). A job can fake an `oom` cause by raising MemoryError itself.
+  * Fallback modes are weaker, and `Pool.isolation["mode"]` says which one runs:
+    - "landlock" (no user namespaces, Linux >= 5.13): Landlock limits reads to the system and
+      Python directories (minus the hidden ones: their names stay listable) and writes to the
+      workspace and a private temp dir; a seccomp filter refuses every non-unix socket (no
+      network); Landlock ABI >= 6 stops signals and abstract sockets leaving the job. The job runs
+      with the pool's uid (as root: without capabilities), sees other processes in ps, and the
+      supervisor, a child subreaper, kills every descendant at the end.
+    - "none" (only with Pool(allow_unisolated=True)): limits, session and tree kill only.
+
+Requirements: Linux, Python >= 3.11, no extra package. Namespace mode needs unprivileged user
+namespaces (or root) and, for root, idmapped mounts (Linux >= 5.12; else jobs run as uid 0
+without capabilities). Results keep stdout/stderr files in `log_dir`, which the pool removes on
+shutdown when it created it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import tempfile
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fastagent import _sandbox_pool
+
+DEFAULT_PRELOAD = ("numpy", "pandas", "scipy", "sklearn", "sklearn.linear_model", "sklearn.ensemble",
+                   "sklearn.model_selection", "sklearn.metrics", "sklearn.preprocessing",
+                   "sklearn.tree", "sklearn.neighbors", "sklearn.svm", "sklearn.pipeline",
+                   "sklearn.impute", "sklearn.decomposition", "torch")
+CAUSES = ("ok", "error", "timeout", "oom", "killed")
+
+
+@dataclass(frozen=True)
+class Limits:
+    wall_s: float = 60.0  # wall clock; then the job and everything it started are killed
+    memory_mb: int = 4096  # address space per process (Python jobs: on top of the preloaded zygote)
+    cpu_s: float | None = None  # CPU seconds per process (None: no limit)
+    file_mb: int = 1024  # largest file the job may write; also caps each captured output file
+    nofile: int = 256  # open file descriptors per process
+    nproc: int = 64  # processes and threads of the job together
+    tmp_mb: int = 512  # size of the private /tmp (and of /dev/shm)
+    head_bytes: int = 4000  # bytes of the output's start kept in Result.output
+    tail_bytes: int = 4000  # bytes of the output's end kept in Result.output
+
+    def __post_init__(self):
+        for name in ("wall_s", "memory_mb", "file_mb", "nofile", "nproc", "tmp_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.cpu_s is not None and not self.cpu_s > 0:
+            raise ValueError(f"Limits.cpu_s must be > 0 or None, got {self.cpu_s!r}")
+        for name in ("head_bytes", "tail_bytes"):
+            if not 0 <= getattr(self, name) <= 65536:
+                raise ValueError(f"Limits.{name} must be in [0, 65536], got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class Result:
+    cause: str  # ok | error | timeout | oom | killed
+    exit_code: int | None  # when the job exited by itself
+    signal: int | None  # when a signal ended it (SIGKILL for a timeout)
+    wall_s: float
+    cpu_s: float  # user + system, the job and the children it waited for
+    peak_rss_mb: float  # largest resident set of one process (includes pages shared with the zygote)
+    stdout_path: Path
+    stderr_path: Path
+    output: str  # head + tail of stdout and stderr merged in order, with a note of what was cut
+    truncated_bytes: int  # bytes left out of `output`
+    note: str = ""  # why, in words, when cause is not ok
+
+    @property
+    def ok(self) -> bool:
+        return self.cause == "ok"
+
+
+class Pool:
+    """A pool of `workers` sandboxed job slots backed by one preloaded zygote (see module doc).
+
+    Threads: callers only queue jobs; one event-loop thread ("sandbox-pool") sends each job to a
+    ready standby supervisor, reads results and failures, and restarts a zygote that died.
+    """
+
+    def __init__(self, workers: int = 2, hide: Sequence[Path | str] = (),
+                 preload: Sequence[str] = DEFAULT_PRELOAD, log_dir: Path | str | None = None,
+                 queue_size: int | None = None, threads_per_job: int | None = None,
+                 isolation: str = "auto", allow_unisolated: bool = False,
+                 env: dict[str, str] | None = None, default_limits: Limits | None = None):
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if isolation not in ("auto", "namespaces", "landlock", "none"):
+            raise ValueError(f"isolation must be auto, namespaces, landlock or none; got {isolation!r}")
+        if isolation == "none" and not allow_unisolated:
+            raise ValueError("isolation='none' runs agent code unconfined: pass allow_unisolated=True")
+        self.workers = workers
+        self.queue_size = queue_size or 16 * workers
+        self.default_limits = default_limits or Limits()
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="fastagent-sandbox-") if log_dir is None else log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        threads = threads_per_job or max(1, (os.cpu_count() or 1) // workers)
+        self._cfg = {"workers": workers, "preload": list(preload), "hide": [str(Path(p).absolute()) for p in hide],
+                     "threads": threads, "isolation": isolation, "allow_unisolated": allow_unisolated,
+                     "env": dict(env or {}), "tmp_mb": self.default_limits.tmp_mb}
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._pending: deque = deque()  # (future, spec), guarded by _lock
+        self._ready = threading.Event()
+        self._info: dict = {}
+        self._fatal: str | None = None
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._loop = _sandbox_pool.Loop(self)
+        self._loop.start_zygote()
+        self._thread = threading.Thread(target=self._loop.run, name="sandbox-pool", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def isolation(self) -> dict:
+        """Which isolation layers are active here (waits for the zygote to start)."""
+        while not self._ready.wait(0.2):
+            if self._fatal:
+                break
+        if self._fatal:
+            raise RuntimeError(self._fatal)
+        return dict(self._info)
+
+    @property
+    def zygote_pid(self) -> int:
+        return self._loop.proc.pid
+
+    def submit(self, workspace: Path | str, script: str | None = None, args: Sequence[str] = (), *,
+               argv: Sequence[str] | None = None, limits: Limits | None = None,
+               readonly: Sequence[Path | str] = (), env: dict[str, str] | None = None
+               ) -> concurrent.futures.Future:
+        """Queue one job; blocks while the queue is full. Returns a Future[Result]."""
+        spec = self._spec(workspace, script, args, argv, limits, readonly, env)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            while len(self._pending) >= self.queue_size and not self._closing and not self._fatal:
+                self._lock.wait()
+            if self._closing:
+                raise RuntimeError("the sandbox pool is shut down")
+            if self._fatal:
+                raise RuntimeError(self._fatal)
+            self._pending.append((fut, spec))
+        self._wake()
+        return fut
+
+    def run(self, workspace: Path | str, script: str | None = None, args: Sequence[str] = (),
+            **kwargs) -> Result:
+        """submit(...).result(): run one job and wait for it."""
+        return self.submit(workspace, script, args, **kwargs).result()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop the pool. wait=True lets queued and running jobs finish first; otherwise they are
+        killed. Leaves no process, socket or (pool-created) directory behind."""
+        with self._lock:
+            if self._closing:
+                return
+            if cancel_futures or not wait:
+                while self._pending:
+                    self._pending.popleft()[0].cancel()
+            futures = [f for f, _ in self._pending] + [f for _, f, _ in self._loop.busy.values()]
+        if wait:
+            concurrent.futures.wait(futures)
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._wake()
+        self._thread.join()
+        self._loop.cleanup(remove_log_dir=self._own_log_dir)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    close = shutdown
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown(wait=exc[0] is None)
+
+    # ------------------------------------------------------------------ internals
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already awake-pending
+
+    def _spec(self, workspace, script, args, argv, limits, readonly, env) -> dict:
+        ws = Path(workspace)
+        if not ws.is_dir():
+            raise ValueError(f"workspace {ws} is not an existing directory")
+        ws = ws.resolve()
+        if (script is None) == (argv is None):
+            raise ValueError("pass exactly one of script= (a file in the workspace) or argv= (a command)")
+        if script is not None:
+            path = Path(script)
+            if path.is_absolute() or not (ws / path).resolve().is_relative_to(ws):
+                raise ValueError(f"script {script!r} must be a path relative to and inside the workspace")
+            argv = ["python", str(path), *map(str, args)]
+        elif not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
+        limits = limits or self.default_limits
+        if not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a fastagent.sandbox.Limits, got {type(limits).__name__}")
+        ro = []
+        for p in readonly:
+            if not Path(p).exists():
+                raise ValueError(f"readonly path {p} does not exist")
+            ro.append(str(Path(p).resolve()))
+        job_id = next(self._ids)
+        return {"id": job_id, "workspace": str(ws), "argv": list(argv), "limits": asdict(limits),
+                "readonly": ro, "env": {str(k): str(v) for k, v in (env or {}).items()},
+                "stdout_path": str(self.log_dir / f"job-{job_id}.stdout"),
+                "stderr_path": str(self.log_dir / f"job-{job_id}.stderr")}

@@ -1,0 +1,485 @@
+"""Fused PPO policy loss (clip-higher, dual-clip, KL to a reference, entropy bonus) and clipped value
+loss: one pass computes the loss sums, the stats and the per-token gradients.
+
+    from fastagent.kernels import ppo_loss, token_mean_weights
+    w = token_mean_weights(mask)                                  # (B, T) fp32, sums to 1
+    loss, stats = ppo_loss(logp, old_logp, adv, w, ref_logp, entropy,
+                           clip_low=0.2, clip_high=0.28, kl_coef=1e-3, entropy_coef=1e-3)
+    loss.backward()                                               # grads into logp and entropy
+
+Aggregation lives in `weight` (token-mean, sequence-mean, ... via the helpers below), so the
+kernels only sum. Per token (ratio = exp(logp - old_logp)):
+    pg   = max(-adv * ratio, -adv * clamp(ratio, 1 - clip_low, 1 + clip_high))
+    pg   = min(pg, -adv * dual_clip)            where adv < 0 (dual-clip, when dual_clip is set)
+    kl   = logp - ref_logp (k1)  |  exp(ref_logp - logp) - (ref_logp - logp) - 1 (k3)
+    loss = sum(weight * (pg + kl_coef * kl - entropy_coef * entropy))
+Memory traffic: the eager reference reads/writes ~20 (N,) tensors forward and backward; the fused
+op reads the 4-6 inputs once, writes d loss / d logp once (saved for backward), and backward is one
+scale. Triton on CUDA, C++ (OpenMP, csrc/ppo_loss.cpp) on CPU, closed-form torch otherwise;
+`ppo_loss_ref` is the autograd reference. Gradients flow into logp and entropy only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fastagent.kernels._cpp import try_load_cpp
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the C++ and torch paths still work
+    triton = None
+
+KL_ESTIMATORS = ("k1", "k3")
+# Layout of the sums vector (mirrors the enum in csrc/ppo_loss.cpp).
+SUM_LOSS, SUM_PG, SUM_KL, SUM_ENT, SUM_CLIP, SUM_DUAL, SUM_APPROX_KL, SUM_WEIGHT = range(8)
+NUM_SUMS = 8
+
+
+class PPOStats(NamedTuple):
+    """Weighted means over the tokens (weights as given), 0-d fp32 tensors; no host sync."""
+    pg_loss: torch.Tensor
+    kl: torch.Tensor  # to the reference policy, with the chosen estimator (0 without ref_logp)
+    entropy: torch.Tensor
+    clip_frac: torch.Tensor  # share where the ratio clip is active
+    dual_clip_frac: torch.Tensor  # share where the dual clip is active
+    approx_kl: torch.Tensor  # k3 estimate of KL(old || new): ratio - 1 - log(ratio)
+
+
+def ppo_stats(sums: torch.Tensor) -> PPOStats:
+    """Turn a sums vector (NUM_SUMS,) (possibly accumulated over chunks) into weighted means."""
+    sums = sums.detach()
+    mean = sums / sums[SUM_WEIGHT].clamp_min(torch.finfo(torch.float32).tiny)
+    return PPOStats(mean[SUM_PG], mean[SUM_KL], mean[SUM_ENT], mean[SUM_CLIP], mean[SUM_DUAL],
+                    mean[SUM_APPROX_KL])
+
+
+# ---------------------------------------------------------------- aggregation weights
+def token_mean_weights(mask: torch.Tensor, num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 weights mask / num_tokens (default: the mask's token count): the loss sum is a token mean.
+
+    Pass num_tokens = global token count when micro-batches are summed (gradient accumulation)."""
+    m = mask.to(torch.float32)
+    denom = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=torch.float32)
+    return m / denom.clamp_min(1.0)
+
+
+def seq_mean_weights(mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                     num_seqs: float | torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 weights mask / (len(seq) * num_seqs): the loss sum is a mean over sequences of their token
+    means. mask is (B, T), or packed (N,) with cu_seqlens (S+1,). num_seqs defaults to the number
+    of sequences with at least one masked-in token (empty ones get weight 0)."""
+    m = mask.to(torch.float32)
+    if cu_seqlens is None:
+        if m.dim() != 2:
+            raise ValueError(f"seq_mean_weights: mask must be (B, T) without cu_seqlens, got {tuple(m.shape)}")
+        lens = m.sum(dim=1, keepdim=True)  # (B, 1)
+        per_tok_len = lens.expand_as(m)
+    else:
+        if m.dim() != 1:
+            raise ValueError(f"seq_mean_weights: packed mask must be (N,), got {tuple(m.shape)}")
+        seq_lens = torch.diff(cu_seqlens.to(torch.int64))  # (S,) tokens per sequence
+        seq_id = torch.repeat_interleave(torch.arange(seq_lens.numel(), device=m.device), seq_lens)
+        lens = torch.zeros(seq_lens.numel(), device=m.device).index_add_(0, seq_id, m)  # (S,)
+        per_tok_len = lens[seq_id]  # (N,)
+    n = (lens > 0).sum() if num_seqs is None else torch.as_tensor(num_seqs, dtype=torch.float32)
+    return m / (per_tok_len.clamp_min(1.0) * n.clamp_min(1))
+
+
+# ---------------------------------------------------------------- reference (autograd)
+def ppo_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
+                 ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None, *,
+                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 entropy_coef: float = 0.0) -> tuple[torch.Tensor, PPOStats]:
+    """Eager torch PPO loss in the inputs' dtype; autograd gives the gradients. Same contract as
+    ppo_loss."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if dual_clip is not None:
+        pg3 = -adv * dual_clip
+        dual = (adv < 0) & (pg > pg3)
+        pg = torch.where(adv < 0, torch.minimum(pg, pg3), pg)
+    kl = torch.zeros_like(pg)
+    if ref_logp is not None:
+        x = ref_logp - logp
+        kl = -x if kl_estimator == "k1" else torch.exp(x) - x - 1
+    ent = entropy if entropy is not None else torch.zeros_like(pg)
+    loss = (weight * (pg + kl_coef * kl - entropy_coef * ent)).sum()
+    with torch.no_grad():
+        w = weight.float()
+        sums = torch.stack([loss.float(), (w * pg).sum(), (w * kl).sum(), (w * ent).sum(),
+                            (w * (pg2 > pg1)).sum(), (w * dual).sum(),
+                            (w * (ratio - 1 - log_ratio)).sum(), w.sum()])
+    return loss, ppo_stats(sums)
+
+
+# ---------------------------------------------------------------- closed-form torch fallback
+def _ppo_fwd_torch(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip,
+                   kl_coef, kl_k3, entropy_coef) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same outputs as the kernels ((NUM_SUMS,) sums, dlogp (N,)) with explicit gradients, fp32."""
+    lp, adv, w = logp.float(), adv.float(), weight.float()
+    log_ratio = lp - old_logp.float()
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio  # also d pg1 / d logp
+    pg2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = pg2 > pg1
+    pg = torch.where(clipped, pg2, pg1)
+    dpg = torch.where(clipped, 0.0, pg1)
+    dual = torch.zeros_like(clipped)
+    if dual_clip > 0:
+        pg3 = -adv * dual_clip
+        dual = (adv < 0) & (pg > pg3)
+        pg, dpg = torch.where(dual, pg3, pg), torch.where(dual, 0.0, dpg)
+    kl, dkl = torch.zeros_like(pg), torch.zeros_like(pg)
+    if ref_logp is not None:
+        x = ref_logp.float() - lp
+        ex = torch.exp(x)
+        kl, dkl = (ex - x - 1, 1 - ex) if kl_k3 else (-x, torch.ones_like(x))
+    ent = entropy.float() if entropy is not None else torch.zeros_like(pg)
+    sums = torch.stack([(w * (pg + kl_coef * kl - entropy_coef * ent)).sum(), (w * pg).sum(),
+                        (w * kl).sum(), (w * ent).sum(), (w * clipped).sum(), (w * dual).sum(),
+                        (w * (ratio - 1 - log_ratio)).sum(), w.sum()])
+    return sums, (w * (dpg + kl_coef * dkl)).to(logp.dtype)
+
+
+# ---------------------------------------------------------------- Triton (CUDA)
+if triton is not None:
+    @triton.jit
+    def _ppo_fwd_kernel(
+        logp_ptr,  # (N,) log-probs of the sampled tokens under the current policy
+        old_logp_ptr,  # (N,) same under the behaviour policy
+        adv_ptr,  # (N,) advantages
+        weight_ptr,  # (N,) pre-scaled aggregation weights (0 outside the mask)
+        ref_logp_ptr,  # (N,) reference-policy log-probs (read only if HAS_REF)
+        entropy_ptr,  # (N,) per-token entropy (read only if HAS_ENT)
+        dlogp_ptr,  # (N,) out: d loss / d logp
+        partial_ptr,  # (num_blocks, NUM_SUMS) out: this block's weighted sums
+        n, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+        HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, HAS_DUAL: tl.constexpr, KL_K3: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        lp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        log_ratio = lp - tl.load(old_logp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + offs, mask=inb, other=0.0).to(tl.float32)  # 0 past the end
+        ratio = tl.exp(log_ratio)
+        pg1 = -adv * ratio  # also d pg1 / d logp
+        pg2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+        clipped = pg2 > pg1
+        pg = tl.where(clipped, pg2, pg1)
+        dpg = tl.where(clipped, 0.0, pg1)
+        dual = tl.zeros_like(clipped)  # no dual clip unless HAS_DUAL
+        if HAS_DUAL:
+            pg3 = -adv * dual_clip
+            dual = (adv < 0.0) & (pg > pg3)
+            pg = tl.where(dual, pg3, pg)
+            dpg = tl.where(dual, 0.0, dpg)
+        kl = tl.zeros_like(pg)
+        dkl = tl.zeros_like(pg)
+        if HAS_REF:
+            x = tl.load(ref_logp_ptr + offs, mask=inb, other=0.0).to(tl.float32) - lp
+            if KL_K3:
+                ex = tl.exp(x)
+                kl = ex - x - 1.0
+                dkl = 1.0 - ex
+            else:
+                kl = -x
+                dkl = tl.full(x.shape, 1.0, tl.float32)
+        ent = tl.zeros_like(pg)
+        if HAS_ENT:
+            ent = tl.load(entropy_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        tl.store(dlogp_ptr + offs, (w * (dpg + kl_coef * dkl)).to(dlogp_ptr.dtype.element_ty), mask=inb)
+        out = partial_ptr + pid * 8
+        tl.store(out + 0, tl.sum(w * (pg + kl_coef * kl - entropy_coef * ent), axis=0))
+        tl.store(out + 1, tl.sum(w * pg, axis=0))
+        tl.store(out + 2, tl.sum(w * kl, axis=0))
+        tl.store(out + 3, tl.sum(w * ent, axis=0))
+        tl.store(out + 4, tl.sum(tl.where(clipped, w, 0.0), axis=0))
+        tl.store(out + 5, tl.sum(tl.where(dual, w, 0.0), axis=0))
+        tl.store(out + 6, tl.sum(w * (ratio - 1.0 - log_ratio), axis=0))
+        tl.store(out + 7, tl.sum(w, axis=0))
+
+    @triton.jit
+    def _value_fwd_kernel(
+        values_ptr,  # (N,) critic values
+        old_values_ptr,  # (N,) values at rollout time
+        returns_ptr,  # (N,) fp32 targets
+        weight_ptr,  # (N,) pre-scaled aggregation weights
+        dvalues_ptr,  # (N,) out: d loss / d values
+        partial_ptr,  # (num_blocks, 3) out: [loss, clipped weight, weight]
+        n, clip,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < n
+        v = tl.load(values_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ov = tl.load(old_values_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ret = tl.load(returns_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        w = tl.load(weight_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        d = v - ov
+        vc = tl.where(d > clip, ov + clip, tl.where(d < -clip, ov - clip, v))  # exactly v inside
+        e1 = v - ret
+        e2 = vc - ret
+        clipped = e2 * e2 > e1 * e1  # clamp active and worse: no gradient
+        tl.store(dvalues_ptr + offs, tl.where(clipped, 0.0, w * e1).to(dvalues_ptr.dtype.element_ty),
+                 mask=inb)
+        out = partial_ptr + pid * 3
+        tl.store(out + 0, tl.sum(w * 0.5 * tl.where(clipped, e2 * e2, e1 * e1), axis=0))
+        tl.store(out + 1, tl.sum(tl.where(clipped, w, 0.0), axis=0))
+        tl.store(out + 2, tl.sum(w, axis=0))
+
+
+def _ppo_fwd_triton(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip,
+                    kl_coef, kl_k3, entropy_coef, block: int = 1024):
+    n = logp.numel()
+    num_blocks = max(triton.cdiv(n, block), 1)
+    partial = torch.empty(num_blocks, NUM_SUMS, device=logp.device, dtype=torch.float32)
+    dlogp = torch.empty_like(logp)
+    _ppo_fwd_kernel[(num_blocks,)](
+        logp, old_logp, adv, weight, ref_logp if ref_logp is not None else logp,
+        entropy if entropy is not None else logp, dlogp, partial,
+        n, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+        HAS_REF=ref_logp is not None, HAS_ENT=entropy is not None, HAS_DUAL=dual_clip > 0,
+        KL_K3=kl_k3, BLOCK=block)
+    return partial.sum(dim=0), dlogp  # fixed-order block partials: deterministic
+
+
+# ---------------------------------------------------------------- dispatch
+def _cpp():
+    return try_load_cpp("ppo_loss", ["ppo_loss.cpp"])
+
+
+def _prep(logp, old_logp, adv, weight, ref_logp, entropy):
+    """Flatten to contiguous (N,); adv/weight fp32; policy tensors share one dtype (fp32 if mixed)."""
+    pol = [t for t in (logp, old_logp, ref_logp, entropy) if t is not None]
+    dtype = logp.dtype if all(t.dtype == logp.dtype for t in pol) else torch.float32
+
+    def flat(t, dt):
+        return None if t is None else t.reshape(-1).to(dt).contiguous()
+
+    return (flat(logp, dtype), flat(old_logp, dtype), flat(adv, torch.float32),
+            flat(weight, torch.float32), flat(ref_logp, dtype), flat(entropy, dtype))
+
+
+def _ppo_fwd(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip, kl_coef,
+             kl_k3, entropy_coef):
+    """(sums (NUM_SUMS,) fp32, dlogp (N,)) on prepared (N,) inputs; picks Triton, C++ or torch."""
+    args = (logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip, kl_coef,
+            kl_k3, entropy_coef)
+    if logp.is_cuda and triton is not None:
+        return _ppo_fwd_triton(*args)
+    if logp.device.type == "cpu" and logp.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ext = _cpp()
+        if ext is not None:
+            sums, dlogp = ext.ppo_fwd(*args)
+            return sums, dlogp
+    return _ppo_fwd_torch(*args)
+
+
+def _check(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip, kl_coef,
+           kl_estimator, entropy_coef) -> None:
+    for name, t in (("old_logp", old_logp), ("adv", adv), ("weight", weight), ("ref_logp", ref_logp),
+                    ("entropy", entropy)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"ppo_loss: {name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"ppo_loss: kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"ppo_loss: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"ppo_loss: dual_clip must be > 1 (or None), got {dual_clip}")
+    if kl_coef != 0 and ref_logp is None:
+        raise ValueError("ppo_loss: kl_coef != 0 needs ref_logp")
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError("ppo_loss: entropy_coef != 0 needs entropy")
+
+
+# ---------------------------------------------------------------- elementwise entry (fused lm_head)
+def ppo_token_sums_and_grads(
+        logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
+        ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None, *,
+        clip_low: float, clip_high: float, dual_clip: float | None, kl_coef: float,
+        kl_estimator: str, entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """No-autograd PPO terms on (N,) tensors: (sums (NUM_SUMS,) fp32, dloss_dlogp (N,),
+    dloss_dentropy (N,) or None). Sums from several chunks add up; `ppo_stats(sums)` gives means."""
+    _check(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip, kl_coef,
+           kl_estimator, entropy_coef)
+    inputs = _prep(logp, old_logp, adv, weight, ref_logp, entropy)
+    sums, dlogp = _ppo_fwd(*inputs, float(clip_low), float(clip_high), float(dual_clip or 0.0),
+                           float(kl_coef), kl_estimator == "k3", float(entropy_coef))
+    dent = None if entropy is None else (inputs[3] * -entropy_coef).to(entropy.dtype)
+    return sums, dlogp.view(logp.shape), None if dent is None else dent.view(entropy.shape)
+
+
+def ppo_token_loss_and_grads(
+        logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
+        ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None, *,
+        clip_low: float, clip_high: float, dual_clip: float | None, kl_coef: float,
+        kl_estimator: str, entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pure elementwise PPO loss for callers that fuse it into their own loop (the lm_head chunk
+    loop in logprob.py): fp32 (N,) inputs, weight pre-scaled so the loss is a plain sum. Returns
+    (loss_sum 0-d fp32, dloss_dlogp (N,), dloss_dentropy (N,) or None); no autograd graph."""
+    sums, dlogp, dent = ppo_token_sums_and_grads(
+        logp, old_logp, adv, weight, ref_logp, entropy, clip_low=clip_low, clip_high=clip_high,
+        dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+    return sums[SUM_LOSS], dlogp, dent
+
+
+# ---------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op("fastagent::ppo_loss", mutates_args=())
+def _ppo_loss_op(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
+                 ref_logp: torch.Tensor | None, entropy: torch.Tensor | None, clip_low: float,
+                 clip_high: float, dual_clip: float, kl_coef: float, kl_k3: bool,
+                 entropy_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # inputs already prepared (N,); returns (sums (NUM_SUMS,) fp32, dlogp (N,) saved for backward)
+    return _ppo_fwd(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip,
+                    kl_coef, kl_k3, entropy_coef)
+
+
+@_ppo_loss_op.register_fake
+def _(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip, kl_coef, kl_k3,
+      entropy_coef):
+    return logp.new_empty(NUM_SUMS, dtype=torch.float32), torch.empty_like(logp)
+
+
+def _ppo_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1], inputs[3])  # dlogp (N,), weight (N,) (an input: no extra memory)
+    ctx.entropy_coef = inputs[11]
+    ctx.entropy_dtype = None if inputs[5] is None else inputs[5].dtype
+
+
+def _ppo_backward(ctx, grad_sums, grad_dlogp):
+    dlogp, weight = ctx.saved_tensors
+    g = grad_sums[SUM_LOSS]  # only the loss entry is differentiable (stats are detached)
+    grad_ent = None
+    if ctx.entropy_dtype is not None:
+        grad_ent = (weight * (-ctx.entropy_coef * g)).to(ctx.entropy_dtype)
+    return dlogp * g.to(dlogp.dtype), None, None, None, None, grad_ent, *([None] * 6)
+
+
+torch.library.register_autograd("fastagent::ppo_loss", _ppo_backward, setup_context=_ppo_setup)
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
+             ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None, *,
+             clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
+             kl_coef: float = 0.0, kl_estimator: str = "k3",
+             entropy_coef: float = 0.0) -> tuple[torch.Tensor, PPOStats]:
+    """Fused PPO policy loss. All tensors share one shape ((B, T) or (N,)); weight is the pre-scaled
+    aggregation weight (token_mean_weights / seq_mean_weights, 0 outside the response mask).
+    Returns (loss 0-d fp32, PPOStats). Gradients flow into logp and entropy only: pass old_logp,
+    adv, weight and ref_logp detached."""
+    _check(logp, old_logp, adv, weight, ref_logp, entropy, clip_low, clip_high, dual_clip, kl_coef,
+           kl_estimator, entropy_coef)
+    for name, t in (("old_logp", old_logp), ("adv", adv), ("weight", weight), ("ref_logp", ref_logp)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"ppo_loss: {name} requires grad; this op differentiates logp and entropy "
+                             f"only: pass {name}.detach()")
+    sums, _ = _ppo_loss_op(*_prep(logp, old_logp, adv, weight, ref_logp, entropy), float(clip_low),
+                           float(clip_high), float(dual_clip or 0.0), float(kl_coef),
+                           kl_estimator == "k3", float(entropy_coef))
+    return sums[SUM_LOSS], ppo_stats(sums)
+
+
+# ---------------------------------------------------------------- clipped value loss
+def value_loss_ref(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   weight: torch.Tensor, *, clip: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager torch clipped value loss: sum(weight * 0.5 * max((v - ret)^2, (v_clip - ret)^2)) with
+    v_clip = old_v + clamp(v - old_v, -clip, clip). Returns (loss, clip fraction)."""
+    c = float("inf") if clip is None else clip
+    v_clip = old_values + torch.clamp(values - old_values, -c, c)
+    l1, l2 = (values - returns) ** 2, (v_clip - returns) ** 2
+    loss = (weight * 0.5 * torch.maximum(l1, l2)).sum()
+    with torch.no_grad():
+        w = weight.float()
+        clipped = (l2 > l1) & ((values - old_values).abs() > c)  # not ties from rounding
+        frac = (w * clipped).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return loss, frac
+
+
+def _value_fwd_torch(values, old_values, returns, weight, clip):
+    v, ov = values.float(), old_values.float()
+    e1 = v - returns
+    d = v - ov
+    e2 = torch.where(d.abs() > clip, ov + torch.clamp(d, -clip, clip), v) - returns  # exact v inside
+    clipped = e2 * e2 > e1 * e1
+    sums = torch.stack([(weight * 0.5 * torch.where(clipped, e2 * e2, e1 * e1)).sum(),
+                        (weight * clipped).sum(), weight.sum()])
+    return sums, torch.where(clipped, 0.0, weight * e1).to(values.dtype)
+
+
+def _value_fwd_triton(values, old_values, returns, weight, clip, block: int = 1024):
+    n = values.numel()
+    num_blocks = max(triton.cdiv(n, block), 1)
+    partial = torch.empty(num_blocks, 3, device=values.device, dtype=torch.float32)
+    dvalues = torch.empty_like(values)
+    _value_fwd_kernel[(num_blocks,)](values, old_values, returns, weight, dvalues, partial, n, clip,
+                                     BLOCK=block)
+    return partial.sum(dim=0), dvalues
+
+
+@torch.library.custom_op("fastagent::value_loss", mutates_args=())
+def _value_loss_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   weight: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # prepared (N,) inputs; returns (sums (3,) = [loss, clipped weight, weight], dvalues (N,))
+    if values.is_cuda and triton is not None:
+        return _value_fwd_triton(values, old_values, returns, weight, clip)
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ext = _cpp()
+        if ext is not None:
+            sums, dvalues = ext.value_fwd(values, old_values, returns, weight, clip)
+            return sums, dvalues
+    return _value_fwd_torch(values, old_values, returns, weight, clip)
+
+
+@_value_loss_op.register_fake
+def _(values, old_values, returns, weight, clip):
+    return values.new_empty(3, dtype=torch.float32), torch.empty_like(values)
+
+
+def _value_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])  # dvalues (N,)
+
+
+def _value_backward(ctx, grad_sums, grad_dvalues):
+    (dvalues,) = ctx.saved_tensors
+    return dvalues * grad_sums[0].to(dvalues.dtype), None, None, None, None
+
+
+torch.library.register_autograd("fastagent::value_loss", _value_backward, setup_context=_value_setup)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               weight: torch.Tensor, *, clip: float | None = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused clipped value loss (same contract as value_loss_ref): (loss 0-d fp32, clip fraction).
+    All tensors share one shape; weight is pre-scaled (token_mean_weights, ...). clip=None: plain
+    squared error. Gradients flow into values only."""
+    for name, t in (("old_values", old_values), ("returns", returns), ("weight", weight)):
+        if t.shape != values.shape:
+            raise ValueError(f"value_loss: {name} has shape {tuple(t.shape)}, values has {tuple(values.shape)}")
+        if t.requires_grad:
+            raise ValueError(f"value_loss: {name} requires grad; pass {name}.detach()")
+    if clip is not None and clip < 0:
+        raise ValueError(f"value_loss: clip must be >= 0 (or None), got {clip}")
+    dtype = values.dtype if old_values.dtype == values.dtype else torch.float32
+    sums, _ = _value_loss_op(values.reshape(-1).to(dtype).contiguous(),
+                             old_values.reshape(-1).to(dtype).contiguous(),
+                             returns.reshape(-1).float().contiguous(),
+                             weight.reshape(-1).float().contiguous(),
+                             float("inf") if clip is None else float(clip))
+    frac = sums[1].detach() / sums[2].detach().clamp_min(torch.finfo(torch.float32).tiny)
+    return sums[0], frac
