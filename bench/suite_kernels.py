@@ -190,7 +190,11 @@ def _liger_step(hidden, weight, labels):
     except ImportError:
         return None
     loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="mean")
-    return lambda: loss_fn(weight, hidden, labels).backward()
+
+    def step():
+        out = loss_fn(weight, hidden, labels)  # (lin_weight, input, target) in all versions seen
+        (out[0] if isinstance(out, tuple) else out).backward()  # some versions add a z-loss
+    return step
 
 
 def _row_pass_gbs(t: int, v: int, dtype, device: str = "cuda") -> dict:

@@ -37,17 +37,19 @@ constexpr int64_t kMinTokensPerThread = 1 << 18;
 int num_threads_for(int64_t n) {
   return static_cast<int>(std::clamp<int64_t>(n / kMinTokensPerThread, 1, omp_get_max_threads()));
 }
+
 // Layout of the sums vector; kernels/ppo_loss.py mirrors it (SUM_* constants).
 enum { kSumLoss, kSumPg, kSumKl, kSumEnt, kSumClip, kSumDual, kSumApproxKl, kSumWeight, kNumSums };
 
 // exp(x) for float, branch-free so that `omp simd` loops vectorize (libm's expf does not without
 // -ffast-math). Range reduction x = k*ln2 + r, |r| <= ln2/2, then a degree-6 polynomial:
-// relative error ~2e-7 over the clamped range. NaN propagates; very negative x gives ~1e-38.
+// relative error ~2e-7 over the clamped range. NaN propagates; x is clamped to [-87.3, 88.7], so
+// exp never returns 0 or inf (a log-ratio beyond that range is broken input anyway).
 inline float fast_exp(float x) {
   x = x > 88.7f ? 88.7f : x;
   x = x < -87.3f ? -87.3f : x;
-  const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick:
-                                                                 // floorf does not vectorize without -ffast-math)
+  // k = round(x / ln2) by the 1.5 * 2^23 trick: floorf does not vectorize without -ffast-math
+  const float k = (x * 1.44269504f + 12582912.f) - 12582912.f;
   const float r = x - k * 0.693359375f + k * 2.12194440e-4f;  // two-step ln2 for accuracy
   float p = 1.38888889e-3f;
   p = p * r + 8.33333333e-3f;

@@ -1,13 +1,14 @@
-"""The per-job supervisor T: creates the job's namespaces, forks the job J, watches it, reports.
+"""The per-job supervisor T: creates the job's namespaces, forks J, watches the job, reports.
 
 T is a fork of the zygote. On standby it unshares the user, mount, network, PID, IPC and UTS
 namespaces (the zygote writes its uid/gid maps), forks J (PID 1 of the new PID namespace, which
-stages its root), and tells the zygote it is ready. When a job comes it hands J the workspace
-mount, output pipes and the spec; then it drains J's output into capped files (no pipe can fill
-up: T always reads), enforces the wall-clock limit by SIGKILL to J (PID 1: the kernel then kills
-every process in the namespace, setsid or double-forked ones included), and sends the Result back
-on its socket, which the zygote handed to the pool once T was ready. In landlock/none mode (no namespaces) T is a child
-subreaper and kills every descendant itself. Not a public API.
+stages the root and forks the job process K), and tells the zygote it is ready; the zygote then
+hands T's socket to the pool. When the pool sends a job, T passes K the workspace mount, output
+pipes and the spec, drains K's output into capped files (no pipe can fill up: T always reads),
+enforces the wall clock by SIGKILL to J (PID 1: the kernel then kills every process in the
+namespace, setsid or double-forked ones included), and sends the Result back to the pool once J
+has reported that the namespace is empty. In landlock/none mode (no namespaces) J is the job, and
+T, a child subreaper, kills every descendant itself. Not a public API.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import json
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import time
 
 from fastagent import _sandbox_child as child
+from fastagent import _sandbox_run as runner
 from fastagent import _sandbox_sys as ss
 
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
@@ -140,16 +143,21 @@ class Supervisor:
         else:
             ss.prctl(ss.PR_SET_CHILD_SUBREAPER, 1)
         tsock, jsock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # SIGTERM (the zygote shutting down) waits until J's pid is known, so it is never orphaned.
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
+            ss.set_pdeathsig(signal.SIGKILL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             tsock.close()
             self.zsock.close()
-            ss.set_pdeathsig(signal.SIGKILL)
             child.child_main(jsock, self.plan)
             os._exit(0)  # not reached
         jsock.close()
         self.jsock, self.jpid, self.pidfd = tsock, pid, os.pidfd_open(pid)
-        signal.signal(signal.SIGTERM, self._on_term)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         reply = self.jsock.recv(4096)
         self.zsock.send(b"ready" if reply == b"staged" else b"failed " + (reply or b"job process died"))
 
@@ -165,14 +173,23 @@ class Supervisor:
 
     def run_job(self) -> None:
         msg, fds, _, _ = socket.recv_fds(self.zsock, 1 << 20, 4)
-        if not msg:
-            os._exit(0)
+        if not msg:  # the pool let this standby go: end J and its namespace before leaving
+            self._on_term()
         spec = json.loads(msg)
         spec["env"] = {**self.plan["job_env"], **spec["env"]}
         limits = spec["limits"]
-        out_fd = os.open(spec["stdout_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        err_fd = os.open(spec["stderr_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        send, layout, pipes = self._job_fds(spec, fds)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            out_fd, err_fd = os.open(spec["stdout_path"], flags, 0o644), os.open(spec["stderr_path"], flags, 0o644)
+            send, layout, pipes = self._job_fds(spec, fds)
+        except OSError as e:  # e.g. a workspace that vanished or cannot be mounted
+            note = f"sandbox could not set up the job: {e}"
+            self.zsock.send(json.dumps({
+                "op": "result", "id": spec["id"], "cause": "error", "exit_code": None, "signal": None,
+                "wall_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": 0.0, "stdout_path": spec["stdout_path"],
+                "stderr_path": spec["stderr_path"], "output": f"[sandbox] error: {note}\n",
+                "truncated_bytes": 0, "note": note}).encode())
+            self._on_term()
         spec["fd_layout"] = layout
         start = time.monotonic()
         socket.send_fds(self.jsock, [json.dumps(spec).encode()], send)
@@ -182,6 +199,8 @@ class Supervisor:
         status, notes, timed_out, report = self._watch(pipes, {pipes[0]: out_fd, pipes[1]: err_fd},
                                                        output, start + limits["wall_s"])
         wall = time.monotonic() - start
+        if "tmpdir" in spec:  # fallback modes: the job's private temp dir goes with the job
+            shutil.rmtree(spec["tmpdir"], ignore_errors=True)
         if report is None:  # J was killed (timeout) or is the job itself (fallback modes)
             usage = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu, peak = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
@@ -202,6 +221,7 @@ class Supervisor:
             pass  # the pool is gone; nothing to report to
         if report is not None and self.jpid > 0:
             os.waitpid(self.jpid, 0)  # PID 1 exits right after its report; its namespace is empty
+            self.jpid = -1
 
     def _job_fds(self, spec: dict, fds: list[int]) -> tuple[list[int], dict, tuple[int, int, int]]:
         """The fds J needs (write ends of the output pipes, status pipe, mount trees) + layout."""
@@ -240,17 +260,17 @@ class Supervisor:
     @staticmethod
     def _unframe(buf: bytearray, output: Output, out_file: int, err_file: int) -> bytes:
         """Consume the whole frames in buf (see _sandbox_child.mux_write); return status notes."""
-        notes, size = b"", child._FRAME.size
+        notes, size = b"", runner.FRAME.size
         while len(buf) >= size:
-            tag, n = child._FRAME.unpack_from(buf)
+            tag, n = runner.FRAME.unpack_from(buf)
             if len(buf) < size + n:
                 break
             data = bytes(buf[size:size + n])
             del buf[:size + n]
-            if tag == child.MUX_STATUS:
+            if tag == runner.MUX_STATUS:
                 notes += data
             else:
-                output.feed(data, out_file if tag == child.MUX_OUT else err_file)
+                output.feed(data, out_file if tag == runner.MUX_OUT else err_file)
         return notes
 
     def _watch(self, pipes, files: dict, output: Output, deadline: float):
@@ -280,12 +300,11 @@ class Supervisor:
                 elif fd == self.pidfd:
                     poller.unregister(fd)
                     st = os.waitpid(self.jpid, 0)[1]
+                    self.jpid = -1  # reaped: never signal that pid again
                     if self.plan["mode"] != "namespaces":
                         _kill_descendants()  # no PID namespace did it for us
                     if report is None:
-                        status, report = st, None
-                    else:  # already reported; nothing left to wait for afterwards
-                        self.jpid = -1
+                        status = st
                 else:
                     data = os.read(fd, 1 << 16)
                     if not data:

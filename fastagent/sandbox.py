@@ -8,6 +8,11 @@ Use:
         res: Result = fut.result()          # res.cause, res.output, res.wall_s, ...
         res = pool.run(workspace=ws, argv=["python", "-c", "print(1)"])   # blocking shortcut
     pool.isolation                          # which layers are active on this machine
+Pool options: preload (modules the zygote imports), log_dir, queue_size (submit blocks when full),
+threads_per_job (OMP/BLAS threads; default cores // workers), isolation ("auto", "namespaces",
+"landlock", "none" with allow_unisolated=True), env (added to every job's environment), devices,
+default_limits. A job's environment is minimal (PATH, HOME=/tmp/home, TMPDIR=/tmp, LANG, thread
+counts): the caller's environment, API keys included, never reaches it.
 
 Speed: a zygote (a fresh interpreter, never a fork of the caller) imports numpy, pandas,
 scikit-learn and torch once; each job is a fork of it whose namespaces and root were prepared
@@ -15,8 +20,9 @@ ahead of time, so `python train.py` costs a few tens of milliseconds instead of 
 commands (`argv[0] == "python"`, or `script=`) run in the fork through runpy as `__main__` with
 sys.argv set; any other argv[0] is exec'd.
 
-Process tree: caller (Pool) -> zygote -> one supervisor T per job -> the job J. T and J are made
-before the job arrives (standby); T drains J's output, enforces the wall clock and reports.
+Process tree: caller (Pool, one event-loop thread) -> zygote -> one supervisor T per job -> PID 1
+of the job's namespaces (J) -> the job (K). T, J and K are made before the job arrives (standby);
+the pool sends the job straight to T, which drains K's output, enforces the wall clock and reports.
 
 ISOLATION, namespace mode (the default wherever the kernel allows unprivileged user namespaces):
   * Each job gets its own user, mount, network, PID, IPC and UTS namespaces and its own session.
@@ -36,9 +42,11 @@ ISOLATION, namespace mode (the default wherever the kernel allows unprivileged u
     the covers; in a nested user namespace the kernel locks them.
   * Network: a new network namespace whose loopback is down: no connect, bind, DNS or host
     abstract unix sockets, loopback included.
-  * Processes: the job is PID 1 of its PID namespace and sees (in /proc too) only its own
-    processes, never the pool's or anyone else's. At the end or on timeout, SIGKILL to PID 1 makes
-    the kernel kill every process in the namespace, setsid and double-forked ones included.
+  * Processes: the job sees (in /proc too) only its own processes, never the pool's or anyone
+    else's: it runs as PID 2 under a small init (PID 1) that reaps orphans and, when the job ends,
+    kills and reaps every process left, setsid and double-forked ones included, before the result
+    is reported. On timeout the supervisor SIGKILLs PID 1 and the kernel empties the namespace.
+    The init keeps no capability and cannot be traced or signalled by the job.
   * Limits (per job): RLIMIT_AS = memory_mb (above the preloaded zygote's own address space for
     Python jobs), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC (counted per job: each job
     has its own user namespace), no core files, the wall clock, /tmp size. Output goes through
@@ -53,7 +61,10 @@ NOT guaranteed:
     memory_mb.
   * Disk: RLIMIT_FSIZE caps each file; the workspace has no quota, so many files can fill its disk
     within the wall time.
-  * World-readable host configuration under /etc, /usr and /sys stays readable.
+  * World-readable host configuration under /etc, /usr and /sys stays readable (/etc/shadow,
+    /etc/ssh and similar secrets are covered). Devices: only null, zero, full, random, urandom,
+    tty and what `devices=` adds (e.g. GPUs: /dev/nvidia*; CUDA then needs a large memory_mb,
+    since RLIMIT_AS counts its address-space reservations).
   * Files a job leaves in its workspace are untrusted (symlinks, huge files, odd names): open them
     with care (O_NOFOLLOW). A job can fake an `oom` cause by raising MemoryError itself.
   * Fallback modes are weaker, and `Pool.isolation["mode"]` says which one runs:
@@ -145,11 +156,15 @@ class Pool:
                  preload: Sequence[str] = DEFAULT_PRELOAD, log_dir: Path | str | None = None,
                  queue_size: int | None = None, threads_per_job: int | None = None,
                  isolation: str = "auto", allow_unisolated: bool = False,
-                 env: dict[str, str] | None = None, default_limits: Limits | None = None):
+                 env: dict[str, str] | None = None, default_limits: Limits | None = None,
+                 devices: Sequence[str] = ()):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if isolation not in ("auto", "namespaces", "landlock", "none"):
             raise ValueError(f"isolation must be auto, namespaces, landlock or none; got {isolation!r}")
+        for dev in devices:
+            if not str(dev).startswith("/dev/") or not os.path.exists(dev):
+                raise ValueError(f"devices must be existing paths under /dev, got {dev!r}")
         if isolation == "none" and not allow_unisolated:
             raise ValueError("isolation='none' runs agent code unconfined: pass allow_unisolated=True")
         self.workers = workers
@@ -161,7 +176,8 @@ class Pool:
         threads = threads_per_job or max(1, (os.cpu_count() or 1) // workers)
         self._cfg = {"workers": workers, "preload": list(preload), "hide": [str(Path(p).absolute()) for p in hide],
                      "threads": threads, "isolation": isolation, "allow_unisolated": allow_unisolated,
-                     "env": dict(env or {}), "tmp_mb": self.default_limits.tmp_mb}
+                     "env": dict(env or {}), "tmp_mb": self.default_limits.tmp_mb,
+                     "devices": [os.path.normpath(str(d)) for d in devices]}
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._pending: deque = deque()  # (future, spec), guarded by _lock

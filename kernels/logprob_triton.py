@@ -1,18 +1,20 @@
-"""Triton row passes over a logits chunk (CUDA; CPU only under TRITON_INTERPRET=1, for tests).
+"""Triton row passes over a logits block (CUDA; CPU only under TRITON_INTERPRET=1, for tests).
 
-    from fastagent.kernels.logprob_triton import row_stats, row_grad_
-    logp, entropy, lse = row_stats(logits, labels, inv_temp)      # logits (C, V) fp32/bf16/fp16
-    row_grad_(logits, labels, lse, entropy, dlogp, dent, inv_temp)  # logits := dL/dlogits
+    from fastagent.kernels.logprob_triton import row_stats_, row_grad_
+    row_stats_(logits, labels, v0, vocab, inv_temp, m, s, t, zl)   # logits (C, Vb) fp32/bf16/fp16
+    row_grad_(logits, labels, v0, lse, entropy, dlogp, dent, inv_temp)  # logits := dL/dlogits
 
-One program per token row walks the vocabulary in BLOCK_V tiles with an online logsumexp: it keeps
-the running max m, s = sum exp(z - m) and t = sum exp(z - m) * z, rescaling both by exp(m_old - m)
-when the max grows, so a row is read once and nothing (C, V)-sized is allocated. Values are loaded
-in the logits' dtype and computed in fp32. With z = logits * inv_temp, p = softmax(z):
-    lse = m + log s,  entropy = lse - t / s,  logp = z[label] - lse
+A block holds vocabulary columns [v0, v0 + Vb) of C token rows (on CUDA kernels/logprob.py passes
+whole rows: v0 = 0, Vb = V). One program per row walks the block in BLOCK_V tiles with an online
+logsumexp, continuing the row's state from earlier blocks: the running max m, s = sum exp(z - m)
+and t = sum exp(z - m) (z - m), rescaled by exp(m_old - m) when the max grows; zl = z at the label.
+A row is read once and nothing (C, V)-sized is allocated; values load in the logits' dtype and are
+computed in fp32. With z = logits * inv_temp, p = softmax(z), the caller finishes
+    lse = m + log s,  entropy = log s - t / s,  logp = zl - lse
+and the grad kernel writes, over the logits (in their dtype),
     dL/dz_j = -p_j (dlogp + dent (log p_j + H)) + [j == label] dlogp,  dL/dlogits = inv_temp dL/dz
-The grad kernel writes dL/dlogits over the logits (in their dtype), which the caller then feeds
-to the two weight/hidden matmuls. Memory traffic per row: stats reads V values, grad reads and
-writes V values; the kernels are bandwidth bound (elementwise exp per value).
+for the caller's two matmuls (grad_hidden, grad_weight). Memory traffic per row: stats reads Vb
+values, grad reads and writes Vb values; both are bandwidth bound (one exp per value).
 Imported lazily by kernels/logprob.py only when Triton is the chosen row pass.
 """
 
@@ -25,50 +27,55 @@ import triton.language as tl
 
 @triton.jit
 def _row_stats_kernel(
-    logits_ptr,  # (C, V) logits chunk, any float dtype, last dim contiguous
+    logits_ptr,  # (C, Vb) logits block (columns v0 .. v0 + Vb), any float dtype, last dim contiguous
     row_stride,  # elements between consecutive rows
-    labels_ptr,  # (C,) int64 labels, < 0 = ignored token
-    logp_ptr,  # (C,) fp32 out: log-prob of the label (0 for ignored tokens)
-    entropy_ptr,  # (C,) fp32 out: entropy of the row's softmax
-    lse_ptr,  # (C,) fp32 out: logsumexp of the scaled row (saved for the grad pass)
-    V,  # vocabulary size
+    labels_ptr,  # (C,) int64 global label ids, < 0 = ignored token
+    m_ptr,  # (C,) fp32 in/out: running max of z = logits * inv_temp
+    s_ptr,  # (C,) fp32 in/out: running sum exp(z - m)
+    t_ptr,  # (C,) fp32 in/out: running sum exp(z - m) * (z - m)
+    zl_ptr,  # (C,) fp32 in/out: z at the label, written by the block that holds it
+    v0,  # first vocabulary id of the block
+    Vb,  # columns in the block
     inv_temp,  # 1 / temperature
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
-    m = float("-inf")  # running max of z
-    s = 0.0  # sum exp(z - m)
-    t = 0.0  # sum exp(z - m) * z
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        inb = offs < V
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    t = tl.load(t_ptr + row)
+    for j0 in range(0, Vb, BLOCK_V):
+        offs = j0 + tl.arange(0, BLOCK_V)
+        inb = offs < Vb
         z = tl.load(base + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf), where s = t = 0
-        e = tl.where(inb, tl.exp(z - m_new), 0.0)
-        s = s * alpha + tl.sum(e, axis=0)
-        t = t * alpha + tl.sum(e * tl.where(inb, z, 0.0), axis=0)  # 0 * -inf would be nan
+        alpha = tl.exp(m - m_new)  # 0 while m = -inf (then s = t = 0)
+        d = tl.where(inb, z - m_new, 0.0)  # -inf - m_new would turn e * d into nan
+        e = tl.where(inb, tl.exp(d), 0.0)
+        # shift the old t from reference m to m_new: sum e_old (z - m_new) = alpha (t + s (m - m_new))
+        t = alpha * (t + tl.where(s > 0.0, s * (m - m_new), 0.0)) + tl.sum(e * d, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
         m = m_new
-    lse = m + tl.log(s)
-    label = tl.load(labels_ptr + row)
-    valid = (label >= 0) & (label < V)
-    z_label = tl.load(base + label, mask=valid, other=0.0).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, tl.where(valid, z_label - lse, 0.0))
-    tl.store(entropy_ptr + row, lse - t / s)
-    tl.store(lse_ptr + row, lse)
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(t_ptr + row, t)
+    local = tl.load(labels_ptr + row) - v0
+    here = (local >= 0) & (local < Vb)  # an ignored label (< 0) is never here: v0 >= 0
+    z_label = tl.load(base + local, mask=here, other=0.0).to(tl.float32) * inv_temp
+    tl.store(zl_ptr + row, z_label, mask=here)
 
 
 @triton.jit
 def _row_grad_kernel(
-    logits_ptr,  # (C, V) in: logits chunk; out: dL/dlogits, same dtype
+    logits_ptr,  # (C, Vb) in: logits block; out: dL/dlogits, same dtype
     row_stride,  # elements between consecutive rows
-    labels_ptr,  # (C,) int64 labels, < 0 = ignored token
-    lse_ptr,  # (C,) fp32 logsumexp from _row_stats_kernel
-    entropy_ptr,  # (C,) fp32 entropy from _row_stats_kernel
+    labels_ptr,  # (C,) int64 global label ids, < 0 = ignored token
+    lse_ptr,  # (C,) fp32 logsumexp of the full rows
+    entropy_ptr,  # (C,) fp32 entropy of the full rows
     dlogp_ptr,  # (C,) fp32 dL/dlogp
     dent_ptr,  # (C,) fp32 dL/dentropy (read only if HAS_DENT)
-    V,  # vocabulary size
+    v0,  # first vocabulary id of the block
+    Vb,  # columns in the block
     inv_temp,  # 1 / temperature
     HAS_DENT: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -82,13 +89,14 @@ def _row_grad_kernel(
     d = 0.0
     if HAS_DENT:
         d = tl.load(dent_ptr + row)
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        inb = offs < V
+    local = label - v0  # the label's column in this block (may be outside it)
+    for j0 in range(0, Vb, BLOCK_V):
+        offs = j0 + tl.arange(0, BLOCK_V)
+        inb = offs < Vb
         logp = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32) * inv_temp - lse
         p = tl.exp(logp)
         dz = -p * (g + d * (logp + ent))
-        dz = tl.where(offs == label, dz + g, dz)
+        dz = tl.where(offs == local, dz + g, dz)  # g = 0 for ignored tokens
         tl.store(base + offs, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=inb)
 
 
@@ -98,31 +106,30 @@ def _launch_config(v: int) -> tuple[int, int]:
     return block, 8 if block >= 2048 else 4
 
 
-def row_stats(logits: torch.Tensor, labels: torch.Tensor,
-              inv_temp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(C, V) logits -> (logp, entropy, lse), each (C,) fp32."""
-    assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be (C, V), last dim contiguous"
-    c, v = logits.shape
-    labels = labels.contiguous()
-    logp, entropy, lse = (torch.empty(c, dtype=torch.float32, device=logits.device) for _ in range(3))
+def row_stats_(logits: torch.Tensor, labels: torch.Tensor, v0: int, vocab: int, inv_temp: float,
+               m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, zl: torch.Tensor) -> None:
+    """Merge a (C, Vb) logits block (columns v0 ..) into the per-row state (m, s, t, zl), (C,) fp32.
+    vocab (the full vocabulary size) is not needed on the GPU: labels are not bounds-checked here."""
+    assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be (C, Vb), last dim contiguous"
+    c, vb = logits.shape
     if c == 0:
-        return logp, entropy, lse
-    block, warps = _launch_config(v)
-    _row_stats_kernel[(c,)](logits, logits.stride(0), labels, logp, entropy, lse, v, float(inv_temp),
-                            BLOCK_V=block, num_warps=warps)
-    return logp, entropy, lse
+        return
+    block, warps = _launch_config(vb)
+    _row_stats_kernel[(c,)](logits, logits.stride(0), labels.contiguous(), m, s, t, zl, v0, vb,
+                            float(inv_temp), BLOCK_V=block, num_warps=warps)
 
 
-def row_grad_(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-              dlogp: torch.Tensor, dent: torch.Tensor | None, inv_temp: float) -> None:
-    """Overwrite (C, V) logits with dL/dlogits given dL/dlogp and dL/dentropy (C,) (dent may be None)."""
-    assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be (C, V), last dim contiguous"
-    c, v = logits.shape
+def row_grad_(logits: torch.Tensor, labels: torch.Tensor, v0: int, lse: torch.Tensor,
+              entropy: torch.Tensor, dlogp: torch.Tensor, dent: torch.Tensor | None,
+              inv_temp: float) -> None:
+    """Overwrite a (C, Vb) logits block with dL/dlogits given dL/dlogp and dL/dentropy (C,)."""
+    assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be (C, Vb), last dim contiguous"
+    c, vb = logits.shape
     if c == 0:
         return
     dlogp = dlogp.float().contiguous()
     dent_arg = dlogp if dent is None else dent.float().contiguous()
-    block, warps = _launch_config(v)
+    block, warps = _launch_config(vb)
     _row_grad_kernel[(c,)](logits, logits.stride(0), labels.contiguous(), lse, entropy, dlogp,
-                           dent_arg, v, float(inv_temp), HAS_DENT=dent is not None, BLOCK_V=block,
-                           num_warps=warps)
+                           dent_arg, v0, vb, float(inv_temp), HAS_DENT=dent is not None,
+                           BLOCK_V=block, num_warps=warps)

