@@ -190,6 +190,20 @@ def test_packaged_dataset_files_unreadable_while_libraries_import(pool, layout):
     assert res.ok and res.output == "imported\n", res.output
 
 
+def test_every_task_data_file_is_hidden_without_being_named(pool, layout):
+    """The raw data (labels included) of every bundled task ships in site-packages: the pool's default
+    hide list must cover all of it, with no hide= from the caller."""
+    from fastagent.tasks._prepare import package_data_paths
+    files = []
+    for p in package_data_paths():
+        files += [p] if p.is_file() else [f for f in sorted(p.rglob("*")) if f.is_file()][:2]
+    assert len(files) >= 10
+    probe = ("import sys\nleaks = []\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'rb').read(1)\n"
+             "        leaks.append(p)\n    except OSError:\n        pass\nprint('checked', len(sys.argv) - 1, leaks)")
+    res = pool.run(layout["ws"], argv=["python", "-c", probe, *map(str, files)])
+    assert res.cause == "ok" and res.output.strip() == f"checked {len(files)} []", res.output
+
+
 def test_bundled_dataset_loaders_fail(pool, layout):
     loaders = ["sklearn.datasets:load_digits", "sklearn.datasets:load_iris", "sklearn.datasets:load_wine",
                "sklearn.datasets:load_breast_cancer", "sklearn.datasets:load_diabetes",
