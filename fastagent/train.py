@@ -6,9 +6,9 @@ Run (CPU, the default: SmolLM2-135M-Instruct on the bundled tasks):
     torchrun --standalone --nproc_per_node=8 fastagent/train.py --preset=qwen2.5-7b     # GPUs
 Every Config field is a `--field=value` flag (fastagent/config.py); `--config=run.toml` reads a file.
 
-Stages, in order: model (obtain, convert and check the base model) -> tasks (materialize the
-bundled workspaces) -> probe (one agent turn on a training task, to show the chat format works)
--> sft (exploration-enriched fine-tuning) -> rl (step-wise PPO). Stages that are not built yet
+Stages, in order: model (obtain, convert and check the base model) -> probe (one real agent step:
+the policy writes a turn on the first training task, the environment executes it in the sandbox
+pool, the reward module scores it) -> sft (exploration-enriched fine-tuning) -> rl (step-wise PPO). Stages that are not built yet
 are reported as such and skipped; the run still exits 0 after the stages that exist.
 """
 
@@ -46,39 +46,37 @@ def dtype_of(cfg: Config, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
 
 
-def stage_tasks(cfg: Config, run_dir: Path) -> list:
-    """Materialize the training tasks' workspaces (data from PyPI packages, answers kept apart)."""
-    try:
-        from fastagent.tasks import list_tasks, materialize
-    except ImportError:
-        print0("[tasks] the bundled task suite is not built yet: skipping")
-        return []
-    tasks = list_tasks(cfg.train_tasks)
-    for task in tasks:
-        materialize(task, run_dir / "tasks", seed=cfg.seed)
-    print0(f"[tasks] {len(tasks)} training tasks ready: {', '.join(t.name for t in tasks)}")
-    return tasks
-
-
-def probe_turn(cfg: Config, model, tokenizer, task, device: torch.device) -> dict:
-    """One greedy agent turn on a task prompt: shows the chat format and stop tokens work end to end."""
+def probe_step(cfg: Config, model, tokenizer, run_dir: Path, device: torch.device) -> dict:
+    """One real agent step on the first training task: the policy writes a turn in the chat format,
+    the environment parses and executes it in the sandbox pool, the reward module scores it."""
     from fastagent.chat import stop_token_ids, tokenize_chat
-    description = task.description if task else "Improve the validation accuracy of train.py on the iris data."
-    messages = [{"role": "system", "content": "You are a helpful research assistant. Answer in the format: "
-                                              "Reflection, Research Plan and Status, Fact Check, Thought, "
-                                              "Action, Action Input."},
-                {"role": "user", "content": description}]
-    prompt, _ = tokenize_chat(tokenizer, messages, add_generation_prompt=True)  # the same ids SFT/RL use
-    ids = torch.tensor([prompt], device=device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=min(cfg.max_new_tokens, 48), do_sample=False,
-                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:]
-    seconds = time.perf_counter() - t0
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    print0(f"[probe] {len(new)} tokens in {seconds:.1f}s on task {task.name if task else 'iris'}:\n{text}\n")
-    return {"probe_tokens": len(new), "probe_tokens_per_s": len(new) / max(seconds, 1e-9)}
+    from fastagent.env import Env
+    from fastagent.sandbox import Pool
+    from fastagent.tasks import list_tasks
+    from fastagent.tasks._prepare import package_data_paths
+
+    task = list_tasks(cfg.train_tasks)[0]
+    root = run_dir / "env"
+    with Pool(workers=cfg.workers, hide=[root, *package_data_paths()]) as pool:
+        env = Env(task, pool, root, seed=cfg.seed, cfg=cfg)
+        env.reset()
+        prompt, _ = tokenize_chat(tokenizer, env.messages(), add_generation_prompt=True)  # the ids SFT/RL use
+        prompt = prompt[-(cfg.max_seq_len - 64):]
+        ids = torch.tensor([prompt], device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=min(cfg.max_new_tokens, 64), do_sample=False,
+                                 eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        gen_s = time.perf_counter() - t0
+        new = out[0, ids.shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        obs, reward, _, info = env.step(text)
+        env.close()
+    kind = info["reward"]["kind"]
+    print0(f"[probe] task {task.name}: prompt {len(prompt)} tokens, {len(new)} new tokens in {gen_s:.1f}s; "
+           f"reward {reward:+.3f} ({kind})\n--- agent turn ---\n{text}\n--- observation ---\n{obs[:600]}\n")
+    return {"probe_prompt_tokens": len(prompt), "probe_tokens": len(new), "probe_reward": reward,
+            "probe_tokens_per_s": len(new) / max(gen_s, 1e-9)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"[model] {cfg.model}: {n_params / 1e6:.1f}M parameters loaded in {time.perf_counter() - t0:.1f}s")
 
-    # ---- tasks and a probe turn
-    tasks = stage_tasks(cfg, run_dir)
+    # ---- one real agent step: policy -> env (sandbox pool) -> reward
     if info.is_main:
-        metrics.log(0, params_m=n_params / 1e6, **probe_turn(cfg, model, tokenizer, tasks[0] if tasks else None,
-                                                             info.device))
+        metrics.log(0, params_m=n_params / 1e6, **probe_step(cfg, model, tokenizer, run_dir, info.device))
+    dist.barrier()
 
     # ---- SFT and RL
     for stage in ("sft", "rl"):

@@ -27,6 +27,8 @@ def test_smoke_preset_on_two_ranks(tmp_path):
     assert "[setup] 2 rank(s) on cpu" in out.stdout and "[probe]" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["probe_tokens"] > 0
+    # the random model cannot write an action: the environment says so and the reward module gives -1
+    assert rows[0]["probe_reward"] == -1.0 and "(format_error)" in out.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "tiny-random"
 
 
@@ -34,4 +36,5 @@ def test_smoke_preset_on_two_ranks(tmp_path):
 def test_default_main_job(tmp_path):
     """The README's main command on its default (SmolLM2-135M-Instruct, CPU)."""
     out = run_main(tmp_path, 1)
-    assert "smollm2-135m-instruct" in out.stdout and "[probe]" in out.stdout
+    assert "smollm2-135m-instruct" in out.stdout and "[probe] task anes-vote" in out.stdout
+    assert "--- observation ---" in out.stdout
