@@ -132,7 +132,7 @@ def _times(shape: tuple[int, int, int], threads: int, rounds: int) -> dict[str, 
 
 def bench_k1(quick: bool, threads: int) -> dict:
     shape = (512, 576, 8192) if quick else (4096, 576, 49152)
-    times = _times(shape, threads, rounds=2 if quick else 3)
+    times = _times(shape, threads, rounds=2 if quick else 4)
     mem = {name: _mem(name, shape, threads) for name in VARIANTS}
     out = {"K1_shape": "T=%d,H=%d,V=%d" % shape, "K1_threads": threads}
     for name in VARIANTS:
