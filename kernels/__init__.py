@@ -11,7 +11,7 @@ from fastagent.kernels.fused_linear import (fused_linear_cross_entropy, fused_li
 # Masked GAE (padded or packed) and critic-free group baselines.
 from fastagent.kernels.gae import gae, gae_ref, group_advantages, masked_whiten
 # Fused PPO policy loss (clip-higher, dual-clip, KL, entropy) and clipped value loss; the
-# elementwise entry ppo_token_loss_and_grads is what fused_linear_ppo_loss calls per chunk.
+# elementwise entry ppo_token_sums_and_grads is what fused_linear_ppo_loss calls per chunk.
 from fastagent.kernels.ppo_loss import (PPOStats, ppo_loss, ppo_loss_ref, ppo_stats,
                                         ppo_token_loss_and_grads, ppo_token_sums_and_grads,
                                         seq_mean_weights, token_mean_weights, value_loss,

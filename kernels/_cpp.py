@@ -22,7 +22,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# csrc/ sits beside kernels/ in a checkout (editable install); a wheel ships it as fastagent/kernels/csrc.
+CSRC = next((d for d in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
+             if d.is_dir()), Path(__file__).resolve().parent.parent / "csrc")
 # -O3 and -march=native let GCC vectorize the row loops (`#pragma omp simd`); -fno-trapping-math
 # lets it vectorize float->int conversions (measured: a 20x faster exp loop); -fno-math-errno lets
 # it inline sqrt/log. No -ffast-math: the kernels rely on IEEE inf/nan behaviour.
