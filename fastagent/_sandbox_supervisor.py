@@ -64,23 +64,29 @@ class Output:
                 max(0, cut))
 
 
+def descendants(root: int) -> set[int]:
+    """Every live descendant pid of root, read from /proc (children, grandchildren, ...)."""
+    parents = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    parents[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - tree
+        tree |= frontier
+    return tree
+
+
 def _kill_descendants() -> None:
     """SIGKILL every descendant of this (subreaper) process until none is left, then reap them.
     Orphans re-parent to us, so a setsid or double-forked child is still found."""
     me = os.getpid()
     for _ in range(1000):
-        parents = {}
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat", "rb") as f:
-                        parents[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-        tree, frontier = set(), {me}
-        while frontier:
-            frontier = {p for p, pp in parents.items() if pp in frontier} - tree
-            tree |= frontier
+        tree = descendants(me)
         for pid in tree:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fastagent.sandbox import Limits, Pool, Result
+from _proc import _descendants, _eventually, _with_marker
 
 TRAIN = """\
 import sys
@@ -31,22 +32,6 @@ model = LogisticRegression().fit(X[:, :2], X[:, 2])
 np.savetxt("predictions.csv", model.predict(X[:, :2]), fmt="%d")
 print("name", __name__, "argv", sys.argv, "score", model.score(X[:, :2], X[:, 2]))
 """
-
-
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    parents[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - tree
-        tree |= frontier
-    return tree
 
 
 def _started(pids) -> set[tuple[int, bytes]]:
@@ -61,19 +46,6 @@ def _started(pids) -> set[tuple[int, bytes]]:
     return out
 
 
-def _with_marker(marker: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(int(pid))
-            except OSError:
-                pass
-    return found
-
-
 def _zombies(pids) -> list[int]:
     out = []
     for pid in pids:
@@ -84,16 +56,6 @@ def _zombies(pids) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def _eventually(cond, timeout: float = 30.0) -> bool:
-    """Poll a condition that settles asynchronously (a generous bound, not a speed check)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ import socket
 import subprocess
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from fastagent.sandbox import Limits, Pool
+from _proc import _descendants, _eventually, _with_marker
 
 SITE = Path(importlib.util.find_spec("sklearn").origin).parent.parent
 DATASET_FILES = [p for p in [SITE / "sklearn/datasets/data/digits.csv.gz", SITE / "sklearn/datasets/data/iris.csv",
@@ -31,45 +31,6 @@ DATASET_FILES += sorted((SITE / "statsmodels/datasets").glob("*/*.csv"))[:5]
 DATASET_FILES += [p for d in ("vega_datasets/_data", "palmerpenguins/data", "sktime/datasets/data",
                               "mlxtend/data/data")
                   for p in sorted((SITE / d).rglob("*.*"))[:3] if p.is_file() and p.suffix not in (".py", ".pyc")]
-
-
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    parents[int(pid)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, frontier = set(), {root}
-    while frontier:
-        frontier = {p for p, pp in parents.items() if pp in frontier} - tree
-        tree |= frontier
-    return tree
-
-
-def _with_marker(marker: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(int(pid))
-            except OSError:
-                pass
-    return found
-
-
-def _eventually(cond, timeout: float = 30.0) -> bool:
-    """Poll a condition that settles asynchronously (a generous bound, not a speed check)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module")
