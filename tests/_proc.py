@@ -1,4 +1,4 @@
-"""/proc helpers shared by the sandbox tests: process trees, markers, polling."""
+"""Helpers shared by the tests: process trees, markers, polling (sandbox), Triton interpreter runs (kernels)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ def _eventually(cond, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def run_triton_interpreted(script: str, **env: str) -> None:
+    """Run a script that exercises Triton kernels under TRITON_INTERPRET=1 (Triton's CPU interpreter)
+    in a fresh process: the variable must be set before triton is imported. The script prints
+    TRITON_OK when every check passed."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the scripts may import the test module itself, which imports this one: both folders on the path
+    full_env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]),
+                    **env)
+    out = subprocess.run([sys.executable, "-c", script], env=full_env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "TRITON_OK" in out.stdout, out.stderr[-3000:]

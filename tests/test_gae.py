@@ -7,9 +7,6 @@ against the Python-loop reference, padded vs packed layouts, the skip rule, and 
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastagent.kernels import gae, gae_ref, group_advantages, masked_whiten
+from _proc import run_triton_interpreted
 gae_mod = importlib.import_module("fastagent.kernels.gae")  # the package exports gae(), the function
 
 # Error of a result against gae_ref in fp32 on the same (bf16-rounded) inputs, as
@@ -212,11 +210,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 def test_triton_kernel_under_interpreter():
     """The CUDA kernel's code, run by Triton's CPU interpreter on small shapes (fresh process: the
     interpreter must be switched on before triton is imported)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "TRITON_OK" in out.stdout, out.stderr[-3000:]
+    run_triton_interpreted(TRITON_SCRIPT)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU on this machine)")

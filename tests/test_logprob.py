@@ -10,9 +10,6 @@ variable must be set before triton is imported). `python -m pytest tests/test_lo
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -23,6 +20,7 @@ from fastagent.kernels import (fused_linear_cross_entropy, fused_linear_cross_en
                                fused_linear_ppo_loss, fused_linear_ppo_loss_ref, logprob, logprob_ref)
 from fastagent.kernels._cpp import try_load_cpp
 from fastagent.kernels.ppo_loss import token_mean_weights
+from _proc import run_triton_interpreted
 
 LP = importlib.import_module("fastagent.kernels.logprob")  # the module (the package exports the op)
 
@@ -374,7 +372,4 @@ TRITON_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTAGENT_KERNELS="triton")
-    out = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert out.returncode == 0 and "TRITON_OK" in out.stdout, out.stderr[-3000:]
+    run_triton_interpreted(TRITON_SCRIPT, FASTAGENT_KERNELS="triton")

@@ -8,9 +8,6 @@ gradients and stats, in fp32 and bf16, on odd and realistic shapes; the aggregat
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +17,7 @@ from hypothesis import strategies as st
 
 from fastagent.kernels import (ppo_loss, ppo_loss_ref, ppo_token_loss_and_grads, ppo_token_sums_and_grads,
                                seq_mean_weights, token_mean_weights, value_loss, value_loss_ref)
+from _proc import run_triton_interpreted
 
 P = importlib.import_module("fastagent.kernels.ppo_loss")  # the package exports ppo_loss(), the function
 
@@ -255,11 +253,7 @@ TRITON_SCRIPT = textwrap.dedent("""
 def test_triton_kernels_under_interpreter():
     """The CUDA kernels' code, run by Triton's CPU interpreter on small shapes (fresh process: the
     interpreter must be switched on before triton is imported)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
-    out = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "TRITON_OK" in out.stdout, out.stderr[-3000:]
+    run_triton_interpreted(TRITON_SCRIPT)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no GPU on this machine)")
