@@ -11,7 +11,6 @@ Unknown or ill-typed fields raise `ConfigError` naming the field and the closest
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import sys
 import tomllib
@@ -226,7 +225,3 @@ def validate(cfg: Config) -> None:
     if cfg.batch_size % cfg.micro_batch_size:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
                           f"({cfg.micro_batch_size})")
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
