@@ -1,4 +1,4 @@
-"""torch.distributed set-up and teardown, rank helpers. gloo on CPU, nccl on CUDA.
+"""torch.distributed set-up and teardown, rank helpers (gloo on CPU, nccl on CUDA), FSDP2 sharding.
 
 Works with and without torchrun: without RANK/WORLD_SIZE in the environment it is a single process
 and no process group is created.
@@ -58,3 +58,33 @@ def barrier() -> None:
 def teardown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- FSDP2 sharding
+
+def shard_model(model: torch.nn.Module, bf16_compute: bool = False) -> torch.nn.Module:
+    """Shard a Hugging Face decoder with FSDP2 (`fully_shard`): each decoder layer is one unit (its
+    parameters are gathered just before it runs, freed after), then the root (embeddings, norm, head:
+    tied weights must live in one unit). A no-op without a process group. On CPU this runs over gloo.
+    bf16_compute: parameters gathered in bf16 for compute, gradients reduced in fp32."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute else None
+    kwargs = {"mp_policy": mp} if mp else {}
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers: shard_model expects a HF decoder")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's parameters as plain CPU tensors, gathered from every rank (call on all
+    ranks; every rank gets the full dict). For a model that is not sharded, a detached CPU copy."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
