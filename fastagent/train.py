@@ -40,12 +40,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def dtype_of(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-
-
 def probe_step(cfg: Config, model, tokenizer, run_dir: Path, device: torch.device) -> dict:
     """One real agent step on the first training task: the policy writes a turn in the chat format,
     the environment parses and executes it in the sandbox pool, the reward module scores it."""
@@ -97,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- model: obtain, convert once, check the conversion, load
     from fastagent.model import load_model
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, dtype=dtype_of(cfg, info.device), device=info.device,
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=info.device,
                                   cache_dir=cfg.cache_dir)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"[model] {cfg.model}: {n_params / 1e6:.1f}M parameters loaded in {time.perf_counter() - t0:.1f}s")

@@ -178,11 +178,7 @@ def test_mlebench_fixture_loads_materializes_and_grades(tmp_path):
 
 @pytest.fixture(scope="module")
 def pool(cache):
-    p = open_pool(hide=[cache])  # None until fastagent.sandbox exists: plain subprocesses then
-    if p is None:
-        yield None
-        return
-    with p:
+    with open_pool(hide=[cache]) as p:
         yield p
 
 

@@ -5,9 +5,9 @@ Use:
     python -m fastagent.tasks check digits,wine-logloss      # prints scores and runtimes
     python -m fastagent.tasks check --split train --write    # also rewrites the task.toml scores
 
-Scripts run through a fastagent.sandbox Pool when one is passed (open_pool gives one when the
-sandbox is importable: the task cache with its answers and the packaged raw datasets hidden,
-limits applied), else in a plain subprocess with the workspace as cwd and one BLAS/OpenMP thread.
+Scripts run through a fastagent.sandbox Pool when one is passed (open_pool gives one: the task
+cache with its answers and the packaged raw datasets hidden, limits applied), else in a plain
+subprocess with the workspace as cwd and one BLAS/OpenMP thread (trusted scripts only).
 Scripts are seeded, so their scores are deterministic.
 """
 
@@ -43,11 +43,8 @@ class Run:
 
 def open_pool(hide: list[Path], workers: int = 2) -> Any:
     """A fastagent.sandbox Pool hiding `hide` and the packaged raw datasets (package_data_paths)
-    from the scripts, or None when the sandbox is not importable (then: plain subprocesses)."""
-    try:
-        from fastagent.sandbox import Pool
-    except ImportError:
-        return None
+    from the scripts."""
+    from fastagent.sandbox import Pool
     return Pool(workers=workers, hide=[*hide, *package_data_paths()])
 
 
