@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from fastagent._sandbox_supervisor import descendants as _descendants  # noqa: F401 (re-exported)
+from fastagent.sandbox.supervisor import descendants as _descendants  # noqa: F401 (re-exported)
 
 
 def _with_marker(marker: str) -> list[int]:

@@ -196,7 +196,7 @@ def test_readonly_path_outside_workspace(pool, ws, tmp_path):
 def test_workspace_that_cannot_be_idmapped_runs_as_uid0_without_powers(pool, ws, monkeypatch):
     """As root the workspace is idmapped for the `nobody` job; on a filesystem that refuses idmapped
     mounts the job falls back to uid 0 with no capabilities. Force that refusal here."""
-    from fastagent import _sandbox_sys
+    from fastagent.sandbox import syscalls as _sandbox_sys
 
     real = _sandbox_sys.mount_setattr
 

@@ -128,7 +128,7 @@ def test_network_connect_and_dns_blocked(pool, layout):
 def test_hidden_answers_other_workspaces_and_home_unreadable(pool, layout):
     project = Path(__file__).resolve().parent.parent
     paths = [layout["answers"] / "labels.csv", layout["ws"] / ".answers" / "labels.csv",
-             layout["other"] / "notes.txt", layout["home_secret"], project / "fastagent" / "sandbox.py",
+             layout["other"] / "notes.txt", layout["home_secret"], project / "fastagent" / "sandbox" / "__init__.py",
              project / "pyproject.toml"]
     out = _reads(pool, layout["ws"], paths)
     assert "LEAK" not in out and out.count("denied") == len(paths)

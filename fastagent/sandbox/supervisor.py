@@ -22,9 +22,9 @@ import signal
 import socket
 import time
 
-from fastagent import _sandbox_child as child
-from fastagent import _sandbox_run as runner
-from fastagent import _sandbox_sys as ss
+from fastagent.sandbox import child
+from fastagent.sandbox import run as runner
+from fastagent.sandbox import syscalls as ss
 
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
                   signal.SIGSYS, signal.SIGTRAP}
@@ -265,7 +265,7 @@ class Supervisor:
 
     @staticmethod
     def _unframe(buf: bytearray, output: Output, out_file: int, err_file: int) -> bytes:
-        """Consume the whole frames in buf (see _sandbox_child.mux_write); return status notes."""
+        """Consume the whole frames in buf (see run.mux_write); return status notes."""
         notes, size = b"", runner.FRAME.size
         while len(buf) >= size:
             tag, n = runner.FRAME.unpack_from(buf)

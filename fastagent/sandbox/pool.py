@@ -1,4 +1,4 @@
-"""The pool's event loop (runs in one thread of the caller's process; see fastagent/sandbox.py).
+"""The pool's event loop (runs in one thread of the caller's process; see fastagent/sandbox/__init__.py).
 
 It starts the zygote (a fresh interpreter: never a fork of the caller, which may hold threads),
 receives ready standby supervisors from it (their sockets, passed with SCM_RIGHTS), sends each
@@ -22,8 +22,8 @@ import weakref
 from collections import deque
 from pathlib import Path
 
-from fastagent import _sandbox_sys as ss
-from fastagent import sandbox
+from fastagent.sandbox import syscalls as ss
+from fastagent.sandbox.limits import Result
 
 
 def _tail(path: Path, n: int = 800) -> str:
@@ -52,7 +52,7 @@ def _finalize(proc: subprocess.Popen, log_dir: Path | None) -> None:
 
 
 class Loop:
-    def __init__(self, pool: "sandbox.Pool"):
+    def __init__(self, pool):  # a fastagent.sandbox.Pool
         self.pool = pool
         self.sel = selectors.DefaultSelector()
         self.busy: dict[int, tuple[socket.socket, object, dict]] = {}  # fd -> (sock, future, spec)
@@ -64,14 +64,14 @@ class Loop:
     # ------------------------------------------------------------------ zygote
     def start_zygote(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cfg, project = self.pool._cfg, str(Path(sandbox.__file__).resolve().parent.parent)
+        cfg, project = self.pool._cfg, str(Path(__file__).resolve().parents[2])
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "HOME": "/tmp/home", "PYTHONPATH": project, "MALLOC_ARENA_MAX": "2",
                "PYTHONDONTWRITEBYTECODE": "1",
                **{k: str(cfg["threads"]) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
         with open(self.pool.log_dir / "zygote.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-s", "-c", "from fastagent._sandbox_zygote import main; main()",
+                [sys.executable, "-s", "-c", "from fastagent.sandbox.zygote import main; main()",
                  str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env, cwd="/",
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         theirs.close()
@@ -225,9 +225,9 @@ class Loop:
             fut.set_result(_killed("the job's supervisor died (its zygote was killed or crashed)", spec))
             return
         msg = json.loads(data)
-        fields = {k: msg[k] for k in sandbox.Result.__dataclass_fields__}
+        fields = {k: msg[k] for k in Result.__dataclass_fields__}
         fields["stdout_path"], fields["stderr_path"] = Path(msg["stdout_path"]), Path(msg["stderr_path"])
-        fut.set_result(sandbox.Result(**fields))
+        fut.set_result(Result(**fields))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
@@ -268,6 +268,6 @@ class Loop:
             shutil.rmtree(self.pool.log_dir, ignore_errors=True)
 
 
-def _killed(note: str, spec: dict) -> "sandbox.Result":
-    return sandbox.Result("killed", None, None, 0.0, 0.0, 0.0, Path(spec["stdout_path"]),
+def _killed(note: str, spec: dict) -> "Result":
+    return Result("killed", None, None, 0.0, 0.0, 0.0, Path(spec["stdout_path"]),
                           Path(spec["stderr_path"]), f"[sandbox] killed: {note}\n", 0, note)

@@ -5,7 +5,7 @@ fresh stdio, default signal handlers, numpy reseeded from the OS, the traceback 
 (without the runner's frames) and the same exit codes; at the end non-daemon threads are joined and
 the job's own atexit hooks and finalizers run. sys.stdout and sys.stderr write framed records into
 one "mux" pipe, so the supervisor can merge them in exact order and still keep them apart (see
-mux_write). Used by fastagent/_sandbox_child.py inside the sandbox; not a public API.
+mux_write). Used by fastagent/sandbox/child.py inside the sandbox; not a public API.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import weakref
 MUX_STATUS, MUX_OUT, MUX_ERR = 0, 1, 2
 FRAME = struct.Struct("!BI")
 FRAME_DATA = 4096 - FRAME.size  # a frame fits in PIPE_BUF, so each write is atomic
-_CHILD_FILE = os.path.join(os.path.dirname(__file__), "_sandbox_child.py")
+_CHILD_FILE = os.path.join(os.path.dirname(__file__), "child.py")
 
 
 def mux_write(fd: int, tag: int, data: bytes) -> None:

@@ -3,7 +3,7 @@
 Namespaces (unshare), mounts (mount, umount2, pivot_root, and the new mount API: open_tree,
 move_mount, mount_setattr), capabilities (capset, bounding set, securebits), prctl, Landlock and a
 seccomp filter. Every wrapper raises OSError with the errno on failure. Used by
-fastagent/_sandbox_zygote.py and fastagent/_sandbox_child.py; not a public API.
+fastagent/sandbox/zygote.py and fastagent/sandbox/child.py; not a public API.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The zygote: a fresh interpreter that preloads the ML stack and forks one supervisor per job.
 
-Started by fastagent.sandbox.Pool as `python -s -c "from fastagent._sandbox_zygote import main;
+Started by fastagent.sandbox.Pool as `python -s -c "from fastagent.sandbox.zygote import main;
 main()" FD` with one end of a SOCK_SEQPACKET control socket. It works out which isolation the
 kernel allows (by staging a real standby before the heavy imports, while forking is cheap),
 imports numpy, pandas, scikit-learn and torch once, moves its heap onto huge pages (cheaper forks),
@@ -24,9 +24,9 @@ import sys
 import tempfile
 import time
 
-from fastagent import _sandbox_child as child
-from fastagent import _sandbox_supervisor as supervisor
-from fastagent import _sandbox_sys as ss
+from fastagent.sandbox import child
+from fastagent.sandbox import supervisor
+from fastagent.sandbox import syscalls as ss
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
 # Dataset files that ship inside packages, with their labels: hidden from agent code.
@@ -96,7 +96,8 @@ def _binds(project: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 def build_plan(cfg: dict) -> dict:
     """What every job sees: read-only binds, symlinks, hidden paths, environment (JSON-able)."""
-    project = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))  # fastagent/
+    project = os.path.dirname(package)
     kept, symlinks = _binds(project)
     hide_dirs, hide_files = [], []
     site = sorted({p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)})
@@ -108,7 +109,6 @@ def build_plan(cfg: dict) -> dict:
     for path in SECRET_FILES:
         if os.path.lexists(path) and not os.path.islink(path):
             (hide_dirs if os.path.isdir(path) else hide_files).append(path)
-    package = os.path.dirname(os.path.abspath(child.__file__))
     if _under_any(package, kept):  # an installed fastagent carries task answers: jobs never need it
         hide_dirs.append(package)
     pool_hides = [os.path.abspath(p) for p in cfg["hide"]]

@@ -1,13 +1,13 @@
 """The sandboxed side of one job: build its filesystem view, confine it, run the agent's code.
 
-Runs in two forks of the zygote, made by the job's supervisor T (see fastagent/sandbox.py).
+Runs in two forks of the zygote, made by the job's supervisor T (see fastagent/sandbox/__init__.py).
 Namespace mode: J is PID 1 of the user, mount, network, PID, IPC and UTS namespaces T created.
 While no job is there yet, J stages a new root (a tmpfs with read-only binds of the system and
 Python directories only, a fresh /proc, a minimal /dev, a private /tmp, unreadable covers over the
 dataset files inside site-packages), forks the job process K, drops its own capabilities and from
 then on only reaps. K takes the job: mounts the workspace (a detached mount tree cloned outside),
 drops every capability, sets rlimits, runs the code (Python in this warm interpreter through
-fastagent/_sandbox_run.py, anything else with execve). When K ends, J SIGKILLs every other process
+fastagent/sandbox/run.py, anything else with execve). When K ends, J SIGKILLs every other process
 of the namespace, reaps them all and reports K's status and the tree's CPU and memory use to T.
 Landlock mode (no namespaces): J is the job itself and confines itself with Landlock and a seccomp
 filter. Not a public API.
@@ -21,8 +21,8 @@ import resource
 import signal
 import socket
 
-from fastagent import _sandbox_run as runner
-from fastagent import _sandbox_sys as ss
+from fastagent.sandbox import run as runner
+from fastagent.sandbox import syscalls as ss
 
 STAGE = "/tmp"  # where the new root is assembled inside J's private mount namespace
 HIDDEN = "/dev/.hidden"  # mode-000 dir holding the empty file and dir bound over hidden paths
