@@ -153,7 +153,8 @@ def test_grading_metrics_match_sklearn():
 def test_mlebench_fixture_loads_materializes_and_grades(tmp_path):
     task = load_mlebench(FIXTURE)
     assert (task.name, task.split, task.metric, task.direction) == ("tiny-iris", "mlebench", "accuracy", "max")
-    assert (task.starter_score, task.reference_score) == (0.9556, 1.0)  # leaderboard median and top
+    assert (task.median_score, task.reference_score) == (0.9556, 1.0)  # leaderboard median and top
+    assert math.isnan(task.starter_score)  # measured by starter_score, never the median
     assert "Tiny Iris" in task.description
     ws, ans = materialize(task, tmp_path / "cache")
     assert sorted(p.name for p in (ws / "data").iterdir()) == ["sample_submission.csv", "test.csv", "train.csv"]

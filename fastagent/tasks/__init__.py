@@ -13,6 +13,7 @@ Use:
     workspace, answers = materialize(task, Path("/tmp/fa-tasks"), seed=0)   # cached, read-only data
     ... run workspace/train.py (it writes workspace/submission.csv) ...
     print(score_submission(task, workspace, answers), task.direction)
+    start = starter_score(task, root, seed, pool)   # the metric an episode starts from (cached)
 
     python -m fastagent.tasks list [--json] [--split train|heldout|all]
 """
@@ -20,17 +21,23 @@ Use:
 from __future__ import annotations
 
 import difflib
+import fcntl
 import importlib.util
+import json
+import math
 import os
 import shutil
 import stat
+import tempfile
 import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-__all__ = ["Task", "list_tasks", "get_task", "materialize", "score_submission", "load_mlebench"]
+__all__ = ["Task", "list_tasks", "get_task", "materialize", "score_submission", "starter_score",
+           "load_mlebench"]
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "heldout")
@@ -50,6 +57,7 @@ class Task:
     time_limit_s: float  # wall-clock budget for one run of a training script
     dir: Path  # the task folder
     description: str  # description.md: what the agent reads
+    median_score: float = math.nan  # MLE-bench: the leaderboard's median team (for evaluation only)
 
     @property
     def sign(self) -> int:
@@ -188,6 +196,54 @@ def score_submission(task: Task, workspace: Path, answers: Path) -> float:
         from ._mlebench import score as mle_score
         return mle_score(task, Path(workspace) / "submission.csv", Path(answers))
     return float(_module(task.dir / "evaluate.py").score(Path(workspace) / "submission.csv", Path(answers)))
+
+
+def starter_score(task: Task, root: Path, seed: int, pool: Any) -> float:
+    """The starter train.py's test score on the `seed` data: the metric an episode starts from.
+
+    Materializes the task under `root`, runs the pristine starter in a scratch copy under `root`
+    (through `pool`, a fastagent.sandbox Pool; None runs it as a plain subprocess, trusted scripts
+    only) with the task's time limit, scores its submission and caches the result in
+    root/<name>-<seed>/starter.json ({"task", "seed", "score", "wall_s"}). One process measures,
+    concurrent callers (threads or processes) wait for it and read the same file. A starter that
+    fails or writes a bad submission raises ValueError with its output tail.
+    """
+    root = Path(root)
+    workspace, answers = materialize(task, root, seed)
+    cache = workspace.parent / "starter.json"
+    with open(workspace.parent / ".starter.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: also serialises threads of one process
+        if cache.is_file():
+            return float(json.loads(cache.read_text())["score"])
+        score, wall_s = _measure_starter(task, workspace, answers, root, seed, pool)
+        tmp = cache.with_name(f".starter-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        tmp.write_text(json.dumps({"task": task.name, "seed": seed, "score": score, "wall_s": wall_s}) + "\n")
+        os.replace(tmp, cache)  # atomic: a reader never sees half a file
+    return score
+
+
+def _measure_starter(task: Task, workspace: Path, answers: Path, root: Path, seed: int,
+                     pool: Any) -> tuple[float, float]:
+    from ._check import run_script  # _check imports this module
+    prefix = f".starter-{task.name}-{seed}-"
+    _remove_stale(root, prefix)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    try:
+        ws = scratch / "workspace"
+        shutil.copytree(workspace, ws)
+        run = run_script(ws, "train.py", task.time_limit_s, pool)
+        where = f"the starter of task {task.name!r} at seed {seed}"
+        if not run.ok:
+            raise ValueError(f"{where} failed:\n{run.output[-2000:]}")
+        try:
+            score = score_submission(task, ws, answers)
+        except ValueError as e:
+            raise ValueError(f"{where} wrote a bad submission: {e}\n{run.output[-2000:]}") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{where} scored {score}:\n{run.output[-2000:]}")
+        return score, run.wall_s
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_mlebench(path: Path, data_dir: Path | None = None) -> Task:

@@ -9,12 +9,15 @@ Layout read (as MLE-bench keeps it; `<id>` is the competition id):
     raw data: the data_dir argument, else <competition dir>/raw, else ~/.cache/mle-bench/data/<id>/raw
 
 Mapping to the fastagent task contract: public/ becomes workspace/data, private/ the hidden answers.
-The metric's direction, the starter score and the reference score come from the leaderboard (lower
-is better when the top team's score is below the last team's; starter = the median team, reference
-= the top team; alpha = 4 / |reference - starter|); without a leaderboard, optional fastagent keys
-`direction`, `starter_score`, `reference_score` in config.yaml are used, else max / NaN / NaN and
-alpha 1. The starter is the competition's own train.py if it has one, else a script that copies
-sample_submission.csv. grade.py files that import the `mlebench` package need it installed.
+The metric's direction and the reference score come from the leaderboard (lower is better when the
+top team's score is below the last team's; reference = the top team); the median team is kept as
+Task.median_score, for evaluation only: an episode starts from the measured starter
+(fastagent.tasks.starter_score), so Task.starter_score is NaN unless config.yaml sets one.
+alpha = 4 / |top - median| (the scale of a meaningful gain on this leaderboard). Without a
+leaderboard, optional fastagent keys `direction`, `starter_score`, `reference_score` in config.yaml
+are used, else max / NaN / NaN and alpha 1. The starter is the competition's own train.py if it
+has one, else a script that copies sample_submission.csv. grade.py files that import the
+`mlebench` package need it installed.
 
 Use:
     task = load_mlebench(Path("mle-bench/mlebench/competitions/spooky-author-identification"),
@@ -84,20 +87,20 @@ def load(path: Path, data_dir: Path | None = None) -> Task:
         raise ValueError(f"raw data for {cfg['id']} not found at {raw}: pass data_dir= "
                          f"(the folder MLE-bench's prepare reads)")
     board = _leaderboard(path)
+    starter = float(cfg.get("starter_score", math.nan))
     if board:
-        direction, starter, reference = board
+        direction, median, reference = board
     else:
-        direction = cfg.get("direction", "max")
-        starter = float(cfg.get("starter_score", math.nan))
+        direction, median = cfg.get("direction", "max"), math.nan
         reference = float(cfg.get("reference_score", math.nan))
-    gap = abs(reference - starter)
+    gap = abs(reference - (median if board else starter))
     alpha = 4.0 / gap if gap > 0 and math.isfinite(gap) else 1.0
     _RAW[path] = Path(raw)
     _CONFIG[path] = cfg
     return Task(name=str(cfg["id"]), split="mlebench", metric=str(cfg["grader"].get("name", "score")),
                 direction=direction, starter_score=starter, reference_score=reference, alpha=alpha,
                 time_limit_s=float(cfg.get("time_limit_s", 600.0)), dir=path,
-                description=(path / "description.md").read_text())
+                description=(path / "description.md").read_text(), median_score=median)
 
 
 def prepare(task: Task, workspace: Path, answers: Path) -> None:
