@@ -1,0 +1,612 @@
+"""Trusted-side access to hostile directory trees (agent workspaces): no link is ever followed.
+
+Every byte, name and inode in a workspace is hostile: the agent's code wrote it, and the trusted
+side (root, outside the sandbox) reads it afterwards to snapshot, show and score it. Use these
+functions instead of open()/Path.read_bytes()/shutil on anything under a workspace:
+
+    fd = open_beneath(ws, "sub/train.py")          # O_RDONLY fd, or UnsafePath / FileNotFoundError
+    text = read_text(ws, "train.py", 1 << 20)      # regular file, <= 1 MiB, valid UTF-8
+    sha = copy_out(ws, "submission.csv", dest, 64 << 20)  # trusted copy + sha256 of exactly it
+    files, empty_dirs, rejected = walk(ws, Caps())  # bounded, iterative, never follows links
+    changed = sanitize(ws)                          # drop links/fifos/devices, strip setuid bits
+    remove_tree(ws)                                 # always succeeds, whatever the job left
+
+What is guaranteed (Linux; the fd-based parts also on other POSIX systems):
+  - No symlink is followed, anywhere in a path: openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+    RESOLVE_NO_MAGICLINKS) (syscall 437, via ctypes, Linux >= 5.6), else a per-component openat walk
+    with O_NOFOLLOW. A path never leaves its root: "..", absolute paths and NUL are refused before
+    any syscall. The root itself is trusted and may be reached through links.
+  - Only regular files are read: the type is checked on an O_PATH fd before the real open (so a
+    fifo never blocks and a device is never opened) and again with fstat after it. Reads stop at
+    max_bytes + 1 whatever st_size says; st_size is only used to refuse early.
+  - walk/sanitize/remove_tree are iterative over directory fds (no recursion, no path re-resolution
+    through links), bounded by Caps (walk, sanitize) and fine with 100,000 levels (remove_tree).
+  - Names: relpaths are os.fsdecode'd (surrogateescape), so an undecodable name such as
+    b"\\xff\\xfe.csv" round-trips through walk -> open_beneath; safe_name() turns one into valid
+    UTF-8 for observations (replacement characters, control characters escaped).
+  - UnsafePath messages name the workspace-relative path (through safe_name) and say what to do;
+    they never contain host paths.
+
+What is not guaranteed:
+  - A process still writing the tree while we read it can change a file between two reads; each
+    function reads one fd once (copy_out hashes exactly what it wrote), but walk's stat results
+    may be stale. Run these after the job's processes are gone (the sandbox kills them).
+  - Between the O_PATH type check and the real open an entry can be swapped for a device node by a
+    concurrent process holding CAP_MKNOD; the open then uses O_NONBLOCK|O_NOCTTY and the fstat
+    check refuses it, but a driver's open() side effect could happen. The sandbox denies mknod.
+  - Immutable/append-only inode flags (chattr +i, needs CAP_LINUX_IMMUTABLE) are not cleared.
+  - Hard links are not links to follow: a hard link is the file. read_bytes refuses st_nlink > 1
+    by default (a link to a file the agent should not see cannot be told apart from the file);
+    pass allow_links=True for files the trusted side itself linked (read-only task data).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+_CHUNK = 1 << 20
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_PATH = getattr(os, "O_PATH", 0)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_SEEK_DATA, _SEEK_HOLE = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
+_SYS_OPENAT2 = 437  # the same number on every architecture (the unified syscall table)
+
+
+class UnsafePath(ValueError):
+    """A hostile or over-cap entry in a workspace; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Bounds on one workspace walk. Defaults: a task directory with its data and an agent's
+    scripts, checkpoints and outputs fits well inside; an attack (100,000 files, a 100 GB sparse
+    file, a 10,000-level chain) is refused after O(cap) work, not O(attack)."""
+    max_files: int = 20_000  # entries of any type (files, dirs, links, ...): ~50 ms to lstat
+    max_depth: int = 32  # directory nesting below the root; real projects stay under ~10
+    max_total_bytes: int = 1 << 30  # sum of st_size (apparent size: holes count, they hash as zeros)
+    max_file_bytes: int = 256 << 20  # one file's st_size: a model checkpoint of a small task
+
+
+# --- names and paths ---
+
+def safe_name(name: str) -> str:
+    """`name` for an observation: valid UTF-8 (undecodable bytes -> U+FFFD), control, format
+    and separator characters (newlines, bidi overrides, zero-width) escaped as \\xNN / \\uNNNN."""
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    out = []
+    for c in text:
+        if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _parts(rel: str) -> list[str]:
+    """The components of a relative path; UnsafePath for absolute paths, '..' and NUL."""
+    if "\x00" in rel:
+        raise UnsafePath(f"{safe_name(rel)!r} contains a NUL byte: use a plain file name")
+    if rel.startswith("/"):
+        raise UnsafePath(f"{safe_name(rel)!r} is an absolute path: use a path inside the workspace")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath(f"{safe_name(rel)!r} contains '..': use a path inside the workspace")
+    return parts
+
+
+def _root_fd(root: str | Path | int) -> tuple[int, bool]:
+    """(a directory fd for root, whether we opened it and must close it)."""
+    if isinstance(root, int):
+        return root, False
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC), True
+
+
+# --- opening beneath a root ---
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _load_syscall():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    return fn
+
+
+_syscall = _load_syscall()
+_have_openat2: bool | None = None  # decided by the first call
+
+
+def _openat2(dirfd: int, rel: bytes, flags: int, mode: int) -> int:
+    tmpfile = getattr(os, "O_TMPFILE", -1)  # includes O_DIRECTORY: test all of its bits
+    if not flags & os.O_CREAT and flags & tmpfile != tmpfile:
+        mode = 0  # openat2 refuses a mode without O_CREAT
+    how = _OpenHow(flags | _CLOEXEC, mode,
+                   _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    fd = _syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(rel),
+                  ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return fd
+
+
+def _walk_open(dirfd: int, parts: list[str], flags: int, mode: int, rel: str) -> int:
+    """The portable path: one openat per component, each with O_NOFOLLOW."""
+    fd = os.dup(dirfd)
+    try:
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                nfd = os.open(name, (flags | os.O_NOFOLLOW | _CLOEXEC) if last else _DIR, mode, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    _explain(fd, name, "/".join(parts[:i + 1]), rel, last)
+                raise
+            os.close(fd)
+            fd = nfd
+            if last and flags & _O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):  # O_PATH opens links
+                _explain(dirfd, "/".join(parts), rel, rel, True)
+        return fd if parts else os.open(".", flags | _CLOEXEC, mode, dir_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _explain(dirfd: int, name: str, prefix: str, rel: str, last: bool) -> None:
+    """Raise UnsafePath if `name` (in dirfd) is a symbolic link; else return (caller re-raises)."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        what = "" if prefix == rel else f" (in {safe_name(rel)!r})"
+        fix = "write a regular file" if last else "use a real directory"
+        raise UnsafePath(f"{safe_name(prefix)!r} is a symbolic link{what}: {fix}")
+
+
+def _explain_path(rfd: int, parts: list[str], rel: str, err: OSError) -> OSError:
+    """After openat2 refused rel: UnsafePath naming the first link on the path, else err."""
+    try:
+        os.close(_walk_open(rfd, parts, _O_PATH or os.O_RDONLY | os.O_NONBLOCK, 0, rel))
+    except UnsafePath as e:
+        return e
+    except OSError as e:
+        return e
+    if err.errno in (errno.ELOOP, errno.EXDEV):  # the link was removed since: still refused
+        return UnsafePath(f"{safe_name(rel)!r} is or passes a symbolic link: write a regular file")
+    return OSError(err.errno, f"{safe_name(rel)}: {err.strerror}")
+
+
+def open_beneath(root: str | Path | int, rel: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
+    """An fd for `rel` under `root` that never follows a symlink or magic link and never leaves
+    root. UnsafePath for links and escapes, FileNotFoundError for a missing path."""
+    global _have_openat2
+    parts = _parts(rel)
+    rfd, owned = _root_fd(root)
+    try:
+        if _have_openat2 is not False and _syscall is not None:
+            path = os.fsencode("/".join(parts) or ".")
+            try:
+                fd = _openat2(rfd, path, flags, mode)
+                _have_openat2 = True
+                return fd
+            except OSError as e:
+                if e.errno in (errno.ENOSYS, errno.EPERM) and not _have_openat2:
+                    _have_openat2 = False  # old kernel or a seccomp filter: use the walk
+                elif e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                    raise _explain_path(rfd, parts, rel, e) from None
+                elif e.errno == errno.ENOENT:
+                    raise FileNotFoundError(e.errno, f"{safe_name(rel)} does not exist") from None
+                else:
+                    raise OSError(e.errno, f"{safe_name(rel)}: {e.strerror}") from None
+        return _walk_open(rfd, parts, flags, mode, rel)
+    finally:
+        if owned:
+            os.close(rfd)
+
+
+def _open_regular(root: str | Path | int, rel: str, allow_links: bool) -> tuple[int, os.stat_result]:
+    """(fd, fstat) of a regular file beneath root; its type is checked before the real open."""
+    if _O_PATH:  # an O_PATH fd opens nothing: a fifo cannot block, a device's open() never runs
+        pfd = open_beneath(root, rel, _O_PATH)
+        try:
+            _check_regular(os.fstat(pfd), rel, allow_links)
+        finally:
+            os.close(pfd)
+    fd = open_beneath(root, rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        _check_regular(st, rel, allow_links)
+        return fd, st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_regular(st: os.stat_result, rel: str, allow_links: bool) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePath(f"{safe_name(rel)!r} is {_kind(st.st_mode)}: write a regular file")
+    if st.st_nlink != 1 and not allow_links:
+        raise UnsafePath(f"{safe_name(rel)!r} is a hard link ({st.st_nlink} names for one file): "
+                         f"write a regular file of its own")
+
+
+# --- reading and copying ---
+
+def _read_capped(fd: int, limit: int) -> bytes:
+    """At most `limit` bytes from fd's offset, whatever st_size says."""
+    chunks, n = [], 0
+    while n < limit:
+        b = os.read(fd, min(_CHUNK, limit - n))
+        if not b:
+            break
+        chunks.append(b)
+        n += len(b)
+    return b"".join(chunks)
+
+
+def _too_big(rel: str, max_bytes: int) -> UnsafePath:
+    return UnsafePath(f"{safe_name(rel)!r} is larger than {max_bytes} bytes: write a smaller file")
+
+
+def read_bytes(root: str | Path | int, rel: str, max_bytes: int, *, allow_links: bool = False) -> bytes:
+    """The content of regular file `rel` beneath root; UnsafePath if it is more than max_bytes."""
+    fd, st = _open_regular(root, rel, allow_links)
+    try:
+        if st.st_size > max_bytes:
+            raise _too_big(rel, max_bytes)
+        data = _read_capped(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise _too_big(rel, max_bytes)
+    return data
+
+
+def read_text(root: str | Path | int, rel: str, max_bytes: int, *, allow_links: bool = False) -> str:
+    """read_bytes decoded as UTF-8 with replacement: always valid UTF-8, never a surrogate."""
+    return read_bytes(root, rel, max_bytes, allow_links=allow_links).decode("utf-8", "replace")
+
+
+def read_head(root: str | Path | int, rel: str, max_bytes: int, *,
+              allow_links: bool = False) -> tuple[bytes, bool]:
+    """(at most max_bytes from the start of regular file `rel`, whether the file is longer)."""
+    fd, _ = _open_regular(root, rel, allow_links)
+    try:
+        data = _read_capped(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    return data[:max_bytes], len(data) > max_bytes
+
+
+def copy_out(root: str | Path | int, rel: str, dest: Path, max_bytes: int, *,
+             allow_links: bool = False) -> str:
+    """Copy regular file `rel` into a new trusted file dest (O_EXCL, 0600); return the sha256 of
+    exactly the bytes written, so a scorer reads a copy of what was hashed."""
+    import hashlib
+    data = read_bytes(root, rel, max_bytes, allow_links=allow_links)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def copy_fd_sparse(src: int, dst: int, max_bytes: int, rel: str = "file", hasher=None) -> int:
+    """Copy src (from offset 0) to dst: data extents are copied, holes stay holes (SEEK_DATA/
+    SEEK_HOLE; a full copy where those are missing). Updates `hasher` with the logical content
+    (holes as zeros). Returns the size written; UnsafePath beyond max_bytes."""
+    size = os.fstat(src).st_size
+    if size > max_bytes:
+        raise _too_big(rel, max_bytes)
+    pos = 0  # logical content produced so far (data and zeros)
+    while pos < size:
+        data, hole = _extent(src, pos, size)
+        if data > pos and hasher is not None:
+            _hash_zeros(hasher, data - pos)
+        pos = data
+        while pos < hole:
+            b = os.pread(src, min(_CHUNK, hole - pos), pos)
+            if not b:  # the file shrank under us: what we have is what we hash and keep
+                hole = size = pos
+                break
+            os.pwrite(dst, b, pos)
+            if hasher is not None:
+                hasher.update(b)
+            pos += len(b)
+    os.ftruncate(dst, pos)  # a trailing hole; also trims a dst that was longer
+    return pos
+
+
+def _extent(fd: int, pos: int, size: int) -> tuple[int, int]:
+    """(start of the next data at or after pos, end of that data), clipped to size."""
+    if _SEEK_DATA is None:
+        return pos, size
+    try:
+        data = os.lseek(fd, pos, _SEEK_DATA)
+        hole = os.lseek(fd, data, _SEEK_HOLE)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+            return size, size
+        if e.errno == errno.EINVAL:  # filesystem without hole reporting
+            return pos, size
+        raise
+    return min(data, size), min(hole, size)
+
+
+_ZEROS = bytes(_CHUNK)
+
+
+def _hash_zeros(hasher, n: int) -> None:
+    while n > 0:
+        k = min(n, _CHUNK)
+        hasher.update(_ZEROS[:k] if k < _CHUNK else _ZEROS)
+        n -= k
+
+
+def copy_file(root: str | Path | int, src_rel: str, dst_rel: str, max_bytes: int) -> None:
+    """Copy regular file src_rel to dst_rel inside one tree: streamed, sparse-aware, capped. The
+    copy is written to a temporary name beside dst and renamed over it (a link at dst is replaced,
+    never followed); dst's parent directories must exist and be real directories."""
+    dparts = _parts(dst_rel)
+    if not dparts:
+        raise UnsafePath(f"{safe_name(dst_rel)!r} is not a file name: name the destination file")
+    rfd, owned = _root_fd(root)
+    try:
+        sfd, st = _open_regular(rfd, src_rel, allow_links=True)
+        try:
+            pfd = open_beneath(rfd, "/".join(dparts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _copy_into(sfd, pfd, dparts[-1], stat.S_IMODE(st.st_mode) & 0o755, max_bytes, src_rel)
+            finally:
+                os.close(pfd)
+        finally:
+            os.close(sfd)
+    finally:
+        if owned:
+            os.close(rfd)
+
+
+def _copy_into(sfd: int, pfd: int, name: str, mode: int, max_bytes: int, rel: str) -> None:
+    tmp = f".{name[:100]}.{uuid.uuid4().hex[:12]}.tmp"
+    dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600,
+                  dir_fd=pfd)
+    try:
+        try:
+            copy_fd_sparse(sfd, dfd, max_bytes, rel)
+            os.fchmod(dfd, mode)
+        finally:
+            os.close(dfd)
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except OSError:
+            pass
+        raise
+
+
+# --- walking ---
+
+def walk(root: str | Path | int, caps: Caps = Caps()) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
+    """(regular files with their lstat, empty dirs, rejected entries: symlinks, fifos, sockets,
+    devices), as relpaths under root, never following a link. Iterative over directory fds;
+    UnsafePath as soon as a cap is passed (entry count, depth, total bytes, one file's size)."""
+    files, empty, rejected = [], [], []
+    rfd, owned = _root_fd(root)
+    count = total = 0
+    stack = [("", 0)]
+    try:
+        while stack:
+            rel, depth = stack.pop()
+            fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY) if rel else os.dup(rfd)
+            n = 0
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        n += 1
+                        count += 1
+                        if count > caps.max_files:
+                            raise UnsafePath(f"the workspace has more than {caps.max_files} files and "
+                                             f"directories: delete some")
+                        sub = f"{rel}/{e.name}" if rel else e.name
+                        st = e.stat(follow_symlinks=False)
+                        if stat.S_ISDIR(st.st_mode):
+                            if depth + 1 > caps.max_depth:
+                                raise UnsafePath(f"{safe_name(sub)!r} is nested more than "
+                                                 f"{caps.max_depth} directories deep: flatten it")
+                            stack.append((sub, depth + 1))
+                        elif stat.S_ISREG(st.st_mode):
+                            if st.st_size > caps.max_file_bytes:
+                                raise _too_big(sub, caps.max_file_bytes)
+                            total += st.st_size
+                            if total > caps.max_total_bytes:
+                                raise UnsafePath(f"the workspace holds more than {caps.max_total_bytes}"
+                                                 f" bytes of files: delete some")
+                            files.append((sub, st))
+                        else:
+                            rejected.append(sub)
+            finally:
+                os.close(fd)
+            if n == 0 and rel:
+                empty.append(rel)
+    finally:
+        if owned:
+            os.close(rfd)
+    return files, empty, rejected
+
+
+def sanitize(root: str | Path | int, caps: Caps = Caps()) -> list[str]:
+    """Make a tree safe to keep: remove every entry that is not a regular file or directory
+    (symlinks, fifos, sockets, devices) and strip setuid/setgid/sticky bits, never following a
+    link; returns the relpaths removed or changed. UnsafePath beyond caps (entry count, depth)."""
+    changed: list[str] = []
+    rfd, owned = _root_fd(root)
+    count = 0
+    stack = [("", 0)]
+    try:
+        _strip_bits(rfd, os.fstat(rfd), "", changed)
+        while stack:
+            rel, depth = stack.pop()
+            fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY) if rel else os.dup(rfd)
+            try:
+                for e in list(os.scandir(fd)):
+                    count += 1
+                    if count > caps.max_files:
+                        raise UnsafePath(f"the workspace has more than {caps.max_files} files and "
+                                         f"directories: delete some")
+                    sub = f"{rel}/{e.name}" if rel else e.name
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        if depth + 1 > caps.max_depth:
+                            raise UnsafePath(f"{safe_name(sub)!r} is nested more than "
+                                             f"{caps.max_depth} directories deep: flatten it")
+                        stack.append((sub, depth + 1))
+                        _strip_at(fd, e.name, st, sub, changed, os.O_DIRECTORY)
+                    elif stat.S_ISREG(st.st_mode):
+                        _strip_at(fd, e.name, st, sub, changed, 0)
+                    else:
+                        os.unlink(e.name, dir_fd=fd)  # unlink never follows a link
+                        changed.append(sub)
+            finally:
+                os.close(fd)
+    finally:
+        if owned:
+            os.close(rfd)
+    return changed
+
+
+def _strip_at(dirfd: int, name: str, st: os.stat_result, rel: str, changed: list[str], kind: int) -> None:
+    if not st.st_mode & 0o7000:
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | kind | _CLOEXEC,
+                 dir_fd=dirfd)
+    try:
+        _strip_bits(fd, os.fstat(fd), rel, changed)
+    finally:
+        os.close(fd)
+
+
+def _strip_bits(fd: int, st: os.stat_result, rel: str, changed: list[str]) -> None:
+    if st.st_mode & 0o7000 and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o777)
+        changed.append(rel or ".")
+
+
+# --- removing ---
+
+_MAX_FDS = 32  # directory fds held open at once by remove_tree; deeper subtrees are moved up
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete path and everything under it, never following a link: copes with any depth (deep
+    subtrees are renamed up to the top level), any width, directories made unreadable or
+    unwritable (their mode is restored first) and undecodable names. A missing path is fine."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    try:
+        pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=pfd)
+            return
+        rfd = _open_dir_fixing(pfd, name)
+        try:
+            _empty_tree(rfd)
+        finally:
+            os.close(rfd)
+        os.rmdir(name, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def _open_dir_fixing(dirfd: int, name: str) -> int:
+    """Open directory `name` (no link followed) and make it rwx for us, whatever its mode."""
+    try:
+        fd = os.open(name, _DIR, dir_fd=dirfd)
+    except PermissionError:  # not root and mode 000: chmod through an O_PATH fd, then retry
+        pfd = os.open(name, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC, dir_fd=dirfd)
+        try:
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        finally:
+            os.close(pfd)
+        fd = os.open(name, _DIR, dir_fd=dirfd)
+    if stat.S_IMODE(os.fstat(fd).st_mode) & 0o700 != 0o700:
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+def _scan_unlinking(fd: int) -> list[str]:
+    """Unlink every non-directory in dir fd; return the names of its subdirectories."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(e.name)
+            else:
+                try:
+                    os.unlink(e.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+    return subdirs
+
+
+def _empty_tree(rfd: int) -> None:
+    """Delete everything in directory rfd, holding at most _MAX_FDS directory fds."""
+    jobs = [None]  # None: rfd itself; else a directory moved up into rfd under that name
+    while jobs:
+        top = jobs.pop()
+        fd0 = os.dup(rfd) if top is None else _open_dir_fixing(rfd, top)
+        stack = [(fd0, top, _scan_unlinking(fd0))]  # (fd, its name in the parent, subdirs left)
+        while stack:
+            fd, name, subdirs = stack[-1]
+            if subdirs:
+                sub = subdirs.pop()
+                if len(stack) >= _MAX_FDS:  # too deep: move it up and continue it later
+                    moved = f".rm-{uuid.uuid4().hex}"
+                    os.rename(sub, moved, src_dir_fd=fd, dst_dir_fd=rfd)
+                    jobs.append(moved)
+                    continue
+                cfd = _open_dir_fixing(fd, sub)
+                stack.append((cfd, sub, _scan_unlinking(cfd)))
+                continue
+            stack.pop()
+            if name is None:  # rfd itself: the caller removes it
+                os.close(fd)
+                continue
+            os.close(fd)  # before rmdir: a last close of a removed dir is slow (~2 ms on ext4)
+            parent = stack[-1][0] if stack else rfd
+            try:
+                os.rmdir(name, dir_fd=parent)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                cfd = _open_dir_fixing(parent, name)  # something appeared: go again
+                stack.append((cfd, name, _scan_unlinking(cfd)))
