@@ -25,10 +25,17 @@ What the parser accepts (lenient) and what is a format error:
     with `Observation:` on is ignored (a model imagining the environment's answer).
   - Action Input: the first `{...}` after the header; code fences and text after the object are
     ignored; raw newlines/tabs inside strings are accepted; if JSON fails, a Python literal
-    (single quotes, True/False/None) is accepted. Integers may be given as strings ("12").
+    (single quotes, True/False/None) is accepted.
+  - Integer arguments: a JSON integer or a string of plain ASCII decimal digits (optional sign,
+    optional surrounding spaces), at most 9 digits. Floats, bools, NaN/Infinity, "+-5", "1²",
+    "١٢" (non-ASCII digits) and longer numbers are format errors.
+  - String arguments may not hold lone surrogates (no file or tokenizer can take them) or control
+    characters; the free-text arguments (CONTENT_ARGS: new_content, edit_instruction, ...) may hold
+    \n, \t and \r.
   - Format errors: no `Action:` line; an unknown action name; no `Action Input:` or no object in
     it; an object that neither JSON nor a Python literal can read; a missing required argument;
-    an argument name the action does not take; an argument of the wrong type.
+    an argument name the action does not take; an argument of the wrong type or with a character
+    above.
   - Not format errors: a well-formed action that fails (missing file, a path outside the workspace
     or into read-only data, a bad line range, more than 100 lines to inspect). fastagent.env
     reports those as invalid actions.
@@ -44,6 +51,11 @@ from typing import Any
 
 SECTIONS = ("Reflection", "Research Plan and Status", "Fact Check", "Thought", "Action", "Action Input")
 MAX_INSPECT_LINES = 100
+MAX_INT_DIGITS = 9  # an integer argument (a line number) has at most this many digits
+CONTENT_ARGS = ("new_content", "edit_instruction", "things_to_look_for", "final_answer")  # free text
+_INT = re.compile(r"[ \t]*[+-]?[0-9]{1,%d}[ \t]*" % MAX_INT_DIGITS)  # plain ASCII decimal only
+_BAD_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # controls, lone surrogates
+_BAD_CONTENT_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # \t \n \r allowed
 
 
 @dataclass(frozen=True)
@@ -143,17 +155,30 @@ def split_sections(text: str) -> dict[str, str]:
     return out
 
 
+class _LongInt(str):
+    """A JSON integer too long to be an argument, kept as its digits (int() of 5,000 digits raises)."""
+
+
+def _parse_int(digits: str) -> int | _LongInt:
+    return int(digits) if len(digits) <= 2 * MAX_INT_DIGITS else _LongInt(digits)
+
+
+_JSON = json.JSONDecoder(strict=False, parse_int=_parse_int)
+
+
 def _read_object(text: str) -> dict | str:
     """The first {...} in text as a dict, or a message saying why there is none."""
     start = text.find("{")
     if start < 0:
         return "Action Input has no JSON object: write it as {\"argument\": \"value\", ...}"
     try:
-        obj, _ = json.JSONDecoder(strict=False).raw_decode(text, start)
-    except (json.JSONDecodeError, RecursionError) as e:
+        obj, _ = _JSON.raw_decode(text, start)
+    except (ValueError, RecursionError, MemoryError) as e:  # JSONDecodeError is a ValueError
         obj = _read_literal(text[start:])
         if obj is None:
-            return f"Action Input is not a valid JSON object ({e.msg} at line {e.lineno} column {e.colno})"
+            where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+            return f"Action Input is not a valid JSON object ({msg}{where})"
     if not isinstance(obj, dict):
         return "Action Input must be a JSON object ({...})"
     return obj
@@ -161,6 +186,8 @@ def _read_object(text: str) -> dict | str:
 
 def _read_literal(text: str) -> dict | None:
     """A Python dict literal (single quotes etc.) at the start of text, cut at its closing brace."""
+    if len(text) > 100_000:
+        return None  # ast on huge adversarial text is slow and may recurse deeply
     depth, quote, i = 0, "", 0
     while i < len(text):  # find the matching brace, skipping quoted strings
         c = text[i]
@@ -178,8 +205,6 @@ def _read_literal(text: str) -> dict | None:
             if depth == 0:
                 break
         i += 1
-    if len(text) > 100_000:
-        return None  # ast on huge adversarial text is slow and may recurse deeply
     try:
         obj = ast.literal_eval(text[:i + 1])
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -192,21 +217,49 @@ def _check_args(spec: ActionSpec, args: dict) -> dict | str:
     usage = ", ".join(f'"{a}"' for a in spec.args)
     unknown = [k for k in args if k not in spec.args]
     if unknown:
-        return f"{spec.name} takes no argument {unknown[0]!r}; its arguments are {usage}"
+        return f"{spec.name} takes no argument {ascii(unknown[0])[:80]}; its arguments are {usage}"
     missing = [a for a in spec.args if a not in args and a not in spec.optional]
     if missing:
         return f"{spec.name} needs argument {missing[0]!r}; its arguments are {usage}"
     out: dict[str, Any] = {}
     for k, v in args.items():
         if k in spec.int_args:
-            if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().lstrip("+-").isdigit():
-                return f"argument {k!r} of {spec.name} must be an integer, got {v!r}"[:300]
-            out[k] = int(str(v).strip())
-        elif not isinstance(v, str):
-            return f"argument {k!r} of {spec.name} must be a string, got {type(v).__name__}"
+            n = _as_int(v)
+            if n is None:
+                return (f"argument {k!r} of {spec.name} must be an integer of at most {MAX_INT_DIGITS} "
+                        f"plain digits (0-9, optional sign), got {_describe(v)}")
+            out[k] = n
+        elif not isinstance(v, str) or isinstance(v, _LongInt):
+            return f"argument {k!r} of {spec.name} must be a string, got {_describe(v)}"
         else:
+            bad = (_BAD_CONTENT_CHARS if k in CONTENT_ARGS else _BAD_CHARS).search(v)
+            if bad:
+                what = "a lone surrogate" if "\ud800" <= bad.group() <= "\udfff" else "a control character"
+                return (f"argument {k!r} of {spec.name} holds {what} ({ascii(bad.group())} at "
+                        f"character {bad.start()}); write plain text")
             out[k] = v
     return out
+
+
+def _as_int(v: Any) -> int | None:
+    """v as an integer argument, or None: an int of <= MAX_INT_DIGITS digits or such a decimal string."""
+    if isinstance(v, _LongInt):
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v if abs(v) < 10 ** MAX_INT_DIGITS else None
+    if isinstance(v, str) and _INT.fullmatch(v):
+        return int(v)
+    return None
+
+
+def _describe(v: Any) -> str:
+    """A short, printable description of an argument value (never a huge or recursive repr)."""
+    if isinstance(v, _LongInt):
+        return f"an integer of {len(v.lstrip('-'))} digits"
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        text = v if isinstance(v, str) else str(v) if not isinstance(v, int) or abs(v) < 10 ** 40 else "a huge int"
+        return f"{type(v).__name__} {ascii(text[:60])}" + ("..." if len(text) > 60 else "")
+    return type(v).__name__
 
 
 def parse_response(text: str, require_sections: bool = False,
@@ -215,6 +268,14 @@ def parse_response(text: str, require_sections: bool = False,
 
     `allowed` restricts the action names (e.g. without the helper-model actions); default: all.
     """
+    try:
+        return _parse(text, require_sections, allowed)
+    except Exception as e:  # a last guard: the fuzz tests assert it is never reached
+        return ParseError(f"the response could not be parsed (internal parser error {type(e).__name__}); "
+                          f"write 'Action: <name>' and 'Action Input: {{...}}'")
+
+
+def _parse(text: str, require_sections: bool, allowed: set[str] | None) -> Parsed | ParseError:
     if not isinstance(text, str):
         return ParseError(f"the response must be text, got {type(text).__name__}")
     sections = split_sections(text)
@@ -292,7 +353,7 @@ def build_messages(description: str, history: list[Turn], k: int = 3, max_obs_ch
     if k < 0:
         raise ValueError(f"k (steps of history kept) must be >= 0, got {k}")
     first = task_prompt(description)
-    kept = history[len(history) - k:] if k else []
+    kept = history[-k:] if k else []
     if len(history) > len(kept):
         first += (f"\n\n({len(history) - len(kept)} earlier steps are not shown; the Research Plan and "
                   f"Status of your last response summarizes them.)")

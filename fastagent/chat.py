@@ -12,7 +12,9 @@ and SFT trains the model to emit it. Generation stops on either STOP_STRINGS ent
 Content that already ends with TURN_END (a generation that kept its stop string) is not doubled.
 Environment observations go into user turns. Conversations are tokenized without a BOS token
 (ChatML models use none), and special-token strings inside content are NOT escaped: an observation
-containing a literal `<|im_end|>` becomes that special token.
+containing a literal `<|im_end|>` becomes that special token. Lone surrogates (a str no UTF-8 text can
+hold, e.g. a file name decoded with surrogateescape) are replaced by U+FFFD before tokenizing
+(`scrub_text`), so tokenize_chat never raises on them; render_chat keeps them as given.
 
 Use:
     text = render_chat(messages, add_generation_prompt=True)       # the prompt string
@@ -28,6 +30,7 @@ prompt of turn k is a prefix of the ids of the whole conversation (the same ids 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 TURN_END = "<|endoftext|>"  # ends every assistant turn; the paper's stop word
@@ -50,6 +53,14 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 assert len(TURN_END) == 13  # the template's slice above
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_text(text: str) -> str:
+    """text with every lone surrogate replaced by U+FFFD: always encodable as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _check(messages: list[dict[str, Any]]) -> None:
@@ -115,7 +126,7 @@ def tokenize_chat(tokenizer: Any, messages: list[dict[str, Any]],
     _check(messages)
     turn_end = _single_token_id(tokenizer, TURN_END)
     pieces = _segments(messages, add_generation_prompt)
-    encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
+    encoded = tokenizer([scrub_text(text) for text, _ in pieces], add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     mask: list[int] = []
     for (_, trained), piece_ids in zip(pieces, encoded):

@@ -9,6 +9,8 @@ mid-write leaves at most one torn frame at the end; every earlier frame is intac
 length and checksum of every frame; on a torn or corrupted frame it warns with the file and byte offset,
 keeps every intact record before it, and resynchronises on the next magic to recover intact records
 after it. A writer that reopens a file with a torn tail cuts the tail off before appending.
+Strings are stored as UTF-8; a lone surrogate (which UTF-8 cannot hold) is stored as U+FFFD, so
+append() never raises on any str.
 
 Use:
     with TrajectoryWriter("runs/x/expert.traj") as w:
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import msgpack
+
+from fastagent.chat import scrub_text
 
 MAGIC = b"FAT1"
 HEADER = struct.Struct("<4sII")  # magic, payload length, crc32
@@ -71,8 +75,24 @@ class StoreError(ValueError):
     """A trajectory file that cannot be read: names the file and the byte offset."""
 
 
+def _scrub(obj: Any) -> Any:
+    """obj with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    if isinstance(obj, str):
+        return scrub_text(obj)
+    if isinstance(obj, dict):
+        return {_scrub(k): _scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_scrub(v) for v in obj]
+    return obj
+
+
 def encode(record: StepRecord | dict[str, Any]) -> bytes:
-    payload = msgpack.packb(asdict(record) if isinstance(record, StepRecord) else record, use_bin_type=True)
+    """One frame. Strings that UTF-8 cannot hold (lone surrogates) are stored with U+FFFD instead."""
+    obj = asdict(record) if isinstance(record, StepRecord) else record
+    try:
+        payload = msgpack.packb(obj, use_bin_type=True)
+    except UnicodeEncodeError:  # rare: scrub only then, the common path stays one packb
+        payload = msgpack.packb(_scrub(obj), use_bin_type=True)
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
@@ -272,7 +292,7 @@ def export_sharegpt(records: Iterable[StepRecord], path: str | Path, per: str = 
     samples = to_sharegpt(records, per=per)
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(samples, ensure_ascii=False, indent=1))
+    tmp.write_text(json.dumps(_scrub(samples), ensure_ascii=False, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     return len(samples)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastagent.actions import ACTIONS, MAX_INSPECT_LINES, Parsed, ParseError, Turn, build_messages, parse_response
+from fastagent.chat import scrub_text
 from fastagent.reward import RewardBreakdown, RewardConfig, run_kind, step_reward
 from fastagent.sandbox import Limits
 from fastagent.tasks import materialize, score_submission
@@ -80,6 +81,21 @@ class HelperError(Exception):
     """The helper model failed: not the agent's fault (reward kind corner_case)."""
 
 
+class StepError(RuntimeError):
+    """step_many: some steps failed outside the agent's control (sandbox, store, evaluator crash).
+
+    Every other step finished, is in its env's history, and its result is in `results`; a failed
+    step is in no history and earns no reward (it is not billed to the agent)."""
+
+    def __init__(self, results: list[tuple[str, float, bool, dict[str, Any]] | None],
+                 errors: dict[int, BaseException]) -> None:
+        self.results = results  # per env, in order: (obs, reward, done, info), or None where it failed
+        self.errors = errors  # {index into envs: the exception}
+        what = "; ".join(f"env {i}: {type(e).__name__}: {e}" for i, e in errors.items())
+        super().__init__(f"{len(errors)} of {len(results)} steps failed outside the agent's control "
+                         f"(the others finished; see .results): {what}"[:2000])
+
+
 @dataclass
 class EnvState:
     """Everything about an episode that is not in the workspace files; with `snapshot`, a full state."""
@@ -118,6 +134,7 @@ class _Pending:
     kind: str = "no_score"
     reason: str = ""
     changed: bool = False
+    job: dict[str, Any] | None = None  # Execute Script: the pool.submit arguments (trusted side)
     future: Any = None  # concurrent.futures.Future of the script run
     script: str = ""
     timings: dict[str, float] = field(default_factory=dict)
@@ -162,8 +179,11 @@ class Env:
         self.helper = helper
         self.actions = [n for n, s in ACTIONS.items() if helper is not None or not s.needs_helper]
         self.history_k = history_k
-        self.time_limit_s = float(time_limit_s or getattr(task, "time_limit_s", 0) or
-                                  (cfg.step_timeout_s if cfg is not None else 60.0))
+        # A run's wall limit: the smallest of the task's time_limit_s, cfg.step_timeout_s and the
+        # time_limit_s argument (each where given); 60 s when none is.
+        caps = [float(c) for c in (time_limit_s, getattr(task, "time_limit_s", None),
+                                   cfg.step_timeout_s if cfg is not None else None) if c]
+        self.time_limit_s = min(caps) if caps else 60.0
         self.memory_mb = int(cfg.step_memory_mb) if cfg is not None else 4096
         self.max_steps = max_steps or (cfg.max_episode_steps if cfg is not None else 1_000_000)
         self.store = store or Store(self.root / "store")
@@ -176,6 +196,7 @@ class Env:
         self._initial_sub = file_sha256(sub) if sub.is_file() else None
         self.ws: Path | None = None
         self.st: EnvState | None = None
+        self._failed = ""  # why the last step failed on the trusted side (then reset() is needed)
 
     @classmethod
     def from_snapshot(cls, task: Any, pool: Any, root: Path | str, state: EnvState | dict,
@@ -200,6 +221,7 @@ class Env:
         if not self.store.exists(st.snapshot):
             raise ValueError(f"snapshot {st.snapshot!r} is not in the store at {self.store.root}")
         self.close()
+        self._failed = ""
         self.ws = self.store.restore(st.snapshot, self.root / "episodes" / f"{self.task.name}-{uuid.uuid4().hex[:12]}")
         self.st = st
         return self.messages()[-1]["content"]
@@ -226,14 +248,22 @@ class Env:
 
     # --- stepping ---
     def step(self, text: str) -> tuple[str, float, bool, dict[str, Any]]:
-        """Execute one agent turn: (observation, reward, done, info)."""
+        """Execute one agent turn: (observation, reward, done, info).
+
+        Never raises on what the agent wrote or did: that is a reward kind. It raises only on a
+        trusted-side failure (sandbox, store, evaluator crash); that step is not recorded, and the
+        env needs reset() (reset(state=env.state()) goes on from before the step)."""
         return self._finish(self._begin(text))
 
     def _begin(self, text: str) -> _Pending:
         self._need_reset()
+        if self._failed:
+            raise ValueError(f"the last step failed outside the agent's control ({self._failed}); "
+                             f"call reset(state=env.state()) to go on from before it")
         if self.st.done:
             raise ValueError("the episode is done (Final Answer or step limit): call reset()")
         t0 = time.perf_counter()
+        text = scrub_text(text) if isinstance(text, str) else text  # history holds valid UTF-8 only
         p = _Pending(text, t0, parse_response(text, allowed=set(self.actions)))
         p.timings["parse_s"] = time.perf_counter() - t0
         if isinstance(p.parsed, ParseError):
@@ -249,12 +279,24 @@ class Env:
             msg = f"{type(e).__name__}: {e}".replace(f"{self.ws.resolve()}/", "")[:500]
             p.observation, p.kind, p.reason = f"EnvError: {msg}", "invalid_action", msg
         p.timings["act_s"] = time.perf_counter() - t0 - p.timings["parse_s"]
+        if p.job is not None:  # trusted side: a failure here propagates and bills nothing
+            p.future = self.pool.submit(**p.job, limits=Limits(wall_s=self.time_limit_s,
+                                                                memory_mb=self.memory_mb))
         return p
 
     def _finish(self, p: _Pending) -> tuple[str, float, bool, dict[str, Any]]:
-        st, metric_before, info = self.st, self.st.metric, {}
+        try:
+            return self._end(p)
+        except Exception as e:  # trusted side: the step is not recorded; the env needs reset()
+            self._failed = f"{type(e).__name__}: {e}"[:300]
+            raise
+
+    def _end(self, p: _Pending) -> tuple[str, float, bool, dict[str, Any]]:
+        # Work on a copy (its history list is new) and commit it at the end: a failure half-way
+        # leaves self.st as it was before this step's end.
+        st, metric_before, info = dataclasses.replace(self.st, history=list(self.st.history)), self.st.metric, {}
         if p.future is not None:
-            r = self._finish_run(p, info)
+            r = self._finish_run(p, st, info)
         else:
             r = step_reward(p.kind, self.reward_cfg, metric_before=metric_before, reason=p.reason)
         if p.changed:
@@ -266,17 +308,19 @@ class Env:
         st.done = st.done or action == "Final Answer"
         truncated = not st.done and st.steps >= self.max_steps
         st.done = st.done or truncated
-        st.history.append(Turn(p.text, p.observation))
+        p.observation = scrub_text(p.observation)  # valid UTF-8 whatever a file name or helper held
+        st.history.append(Turn(p.text if isinstance(p.text, str) else repr(p.text)[:1000], p.observation))
+        self.st = st  # commit: nothing above changed the env's state
         p.timings["total_s"] = time.perf_counter() - p.t0
         info.update(action=action, args=p.parsed.args if action else None,
                     sections=p.parsed.sections, reward=r.as_dict(), metric=st.metric, best=st.best,
                     snapshot=st.snapshot, step=st.steps, truncated=truncated, timings=p.timings)
         return p.observation, r.value, st.done, info
 
-    def _finish_run(self, p: _Pending, info: dict[str, Any]) -> RewardBreakdown:
+    def _finish_run(self, p: _Pending, st: EnvState, info: dict[str, Any]) -> RewardBreakdown:
         """Wait for a script run, map its cause to a reward, score the submission if it changed."""
         res = p.future.result()
-        st, cfg, before = self.st, self.reward_cfg, self.st.metric
+        cfg, before = self.reward_cfg, st.metric
         p.timings["run_s"] = float(res.wall_s)
         info["run"] = {"script": p.script, "cause": res.cause, "exit_code": res.exit_code, "wall_s": res.wall_s,
                        "cpu_s": res.cpu_s, "peak_rss_mb": res.peak_rss_mb, "note": res.note}
@@ -401,9 +445,7 @@ class Env:
         rel = path.relative_to(self.ws.resolve()).as_posix()
         ro = [self.ws / r for r in self.store.readonly if (self.ws / r).exists()]
         p.script, p.changed = rel, True
-        p.future = self.pool.submit(workspace=self.ws, script=rel, args=[],
-                                    limits=Limits(wall_s=self.time_limit_s, memory_mb=self.memory_mb),
-                                    readonly=ro)
+        p.job = dict(workspace=self.ws, script=rel, args=[], readonly=ro)
 
     def _do_final_answer(self, p: _Pending, a: dict) -> None:
         p.observation = "The episode has ended."
@@ -473,10 +515,30 @@ class Env:
 
 def step_many(envs: list[Env], responses: list[str]) -> list[tuple[str, float, bool, dict[str, Any]]]:
     """Step many environments at once: every script is submitted before any is waited for, so the
-    runs proceed concurrently on the pool(s); results come back in the order of `envs`."""
+    runs proceed concurrently on the pool(s); results come back in the order of `envs`.
+
+    No submitted step is lost: if some env's step fails outside the agent's control (Env.step
+    would raise), every other step still finishes and is recorded, and then StepError is raised
+    carrying all results (None for the failed ones) and the errors by index."""
     if len(envs) != len(responses):
         raise ValueError(f"step_many got {len(envs)} environments and {len(responses)} responses")
     if len({id(e) for e in envs}) != len(envs):
         raise ValueError("step_many got the same environment twice; step it in separate calls")
-    pending = [env._begin(text) for env, text in zip(envs, responses)]
-    return [env._finish(p) for env, p in zip(envs, pending)]
+    pending: list[_Pending | None] = []
+    errors: dict[int, BaseException] = {}
+    for i, (env, text) in enumerate(zip(envs, responses)):
+        try:
+            pending.append(env._begin(text))
+        except Exception as e:
+            pending.append(None)
+            errors[i] = e
+    results: list[tuple[str, float, bool, dict[str, Any]] | None] = []
+    for i, (env, p) in enumerate(zip(envs, pending)):
+        try:
+            results.append(env._finish(p) if p is not None else None)
+        except Exception as e:
+            results.append(None)
+            errors[i] = e
+    if errors:
+        raise StepError(results, errors) from next(iter(errors.values()))
+    return results

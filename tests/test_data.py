@@ -170,3 +170,22 @@ def test_sharegpt_import_of_foreign_data(tmp_path):
         import_sharegpt(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="per must be"):
         to_sharegpt(recs, per="token")
+
+
+def test_append_and_export_replace_lone_surrogates(tmp_path):
+    # what a surrogateescape-decoded file name or a bad JSON escape gives: UTF-8 cannot hold it
+    bad = "name-\udcff-\ud800"
+    rec = make_record(0)
+    rec.observation, rec.response = bad, bad
+    rec.prompt = [{"role": "user", "content": bad}]
+    rec.meta = {bad: [bad, {"k": bad}]}
+    path = tmp_path / "s.traj"
+    with TrajectoryWriter(path) as w:
+        w.append(rec)
+        w.append(make_record(1))  # the next record is unaffected
+    got = read_records(path, strict=True)
+    fixed = "name-\ufffd-\ufffd"
+    assert got[0].observation == fixed and got[0].response == fixed and got[0].prompt[0]["content"] == fixed
+    assert got[0].meta == {fixed: [fixed, {"k": fixed}]} and got[1] == make_record(1)
+    assert export_sharegpt(got[:1] + [rec], tmp_path / "s.json") == 2
+    assert fixed in (tmp_path / "s.json").read_text(encoding="utf-8")
