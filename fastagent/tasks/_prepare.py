@@ -40,7 +40,8 @@ def package_file(package: str, relpath: str) -> Path:
 def split_index(n: int, seed: int, fractions: tuple[float, float] = (0.6, 0.2),
                 stratify: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shuffle 0..n-1 with `seed` into train / valid / test index arrays (the rest is test).
-    With `stratify`, each class is split in the same proportions."""
+    With `stratify`, each class is split in the same proportions. Each array is in random order:
+    the source's row order (often sorted by label) must not survive into the files."""
     rng = np.random.default_rng(seed)
     groups = [np.arange(n)] if stratify is None else [np.flatnonzero(stratify == c)
                                                       for c in np.unique(stratify)]
@@ -51,8 +52,9 @@ def split_index(n: int, seed: int, fractions: tuple[float, float] = (0.6, 0.2),
         b = a + int(round(len(g) * fractions[1]))
         for i, chunk in enumerate((g[:a], g[a:b], g[b:])):
             parts[i].append(chunk)
-    # Sorted within each split so that file order carries no label information.
-    return tuple(np.sort(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
+    # The stratified chunks come class by class: shuffle their concatenation, so that neither the
+    # source order nor the class blocks say anything about a row's label.
+    return tuple(rng.permutation(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
 
 
 def split_frame(df: pd.DataFrame, seed: int, fractions: tuple[float, float] = (0.6, 0.2),

@@ -11,13 +11,13 @@ train, valid, test = (pd.read_csv(f"data/{s}.csv") for s in ("train", "valid", "
 
 
 def design(df):
-    t = df["id"].to_numpy() / 100.0
+    t = df["month"].to_numpy() / 100.0
     month = pd.to_datetime(df["date"]).dt.month.to_numpy()
     return np.column_stack([np.ones_like(t), t] + [month == m for m in range(2, 13)]).astype(float)
 
 
 def forecast(history, future):
-    history = history.tail(48)
+    history = history.sort_values("month").tail(48)
     coef, *_ = np.linalg.lstsq(design(history), np.log(history["passengers"].to_numpy()), rcond=None)
     return np.exp(design(future) @ coef)
 
