@@ -2,7 +2,8 @@
 
     python bench/throughput.py --suite kernels [--quick] [--threads 2]
     python bench/_kernels_b.py [--quick]                 # just K2/K3, 2 threads
-    python -c "import runpy; m = runpy.run_path('bench/_kernels_b.py'); print(m['bench_gae_gpu']())"
+    python bench/_kernels_b.py --gpu [--dry-run]       # Triton GAE / PPO on CUDA (bench/gpu_check.sh);
+                                                       # --dry-run: same calls on CPU, Triton interpreter
 
 K2_speedup    gae_ref (the usual Python loop over t) time / gae (C++ kernel) time, (B=64, T=2048)
               with a mask with holes and right padding; target >= 50
@@ -180,58 +181,100 @@ def bench_ppo(quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------- GPU (Triton), for gpu_check.sh
-def _cuda_ms(fn) -> float:
-    import triton
+# Kernel times go through the Triton launchers (_gae_triton, _ppo_fwd_triton: what gae() and the
+# PPO ops call on CUDA), so the dry run (gpu_check.sh --dry-run: device="cpu", DRY_* shapes,
+# TRITON_INTERPRET=1) runs the same Triton kernels in the interpreter; op-level comparisons go
+# through the public ops (C++ on CPU). Each kernel result is checked against the torch path first.
+GAE_SHAPES, GAE_DRY = ((64, 2048), (1024, 8192)), ((2, 64), (3, 300))
+PPO_SIZES, PPO_DRY = (64 * 2048, 1 << 24), (2000, 5000)
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100)  # median ms, CUDA events
+
+def _device_ms(fn, device: str) -> float:
+    """Median ms over CUDA-event timed runs on CUDA; elsewhere (the dry run) one perf_counter run."""
+    if device == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
-def bench_gae_gpu(shapes=((64, 2048), (1024, 8192)), peak_gbs: float = 4800.0) -> dict:
-    """Triton GAE on CUDA: time, achieved GB/s (reads r, v, mask; writes adv, ret) and its share of
-    the HBM peak (H200: ~4800 GB/s); at the first shape also the speedup over gae_ref on the GPU."""
+def _peak_extra_bytes(fn, device: str) -> int:
+    """Peak extra memory of one call: CUDA allocator on CUDA, resident-set growth (VmHWM) on CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    rss0 = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    fn()
+    return (_status_kb("VmHWM") - rss0) * 1024
+
+
+def bench_gae_gpu(shapes=GAE_SHAPES, peak_gbs: float = 4800.0, device: str = "cuda") -> dict:
+    """Triton GAE: kernel time, achieved GB/s (reads r, v, mask; writes adv, ret) and its share of
+    the HBM peak (H200: ~4800 GB/s); at the first shape also gae() vs the gae_ref loop."""
     from fastagent.kernels import gae, gae_ref
+    from fastagent.kernels.gae import _gae_triton
 
     out = {}
     for i, (B, T) in enumerate(shapes):
-        r, v, m = _gae_inputs(B, T, device="cuda")
-        ms = _cuda_ms(lambda: gae(r, v, m, gamma=0.99, lam=0.95))
-        gbs = B * T * (4 + 4 + 1 + 4 + 4) / (ms * 1e-3) / 1e9
+        r, v, m = _gae_inputs(B, T, device=device)  # (B, T) fp32, fp32, bool
+        cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T  # the rows as packed (N,)
+        flat = (r.flatten(), v.flatten(), m.flatten(), cu, 0.99, 0.95)
         key = f"gae_gpu_{B}x{T}"
-        out.update({f"{key}_us": round(ms * 1e3, 1), f"{key}_gbs": round(gbs, 1),
-                    f"{key}_hbm_frac": round(gbs / peak_gbs, 3)})
         if i == 0:
-            ref_ms = _cuda_ms(lambda: gae_ref(r, v, m, gamma=0.99, lam=0.95))
-            out[f"{key}_speedup_vs_loop"] = round(ref_ms / ms, 1)
+            adv, ret = _gae_triton(*flat)
+            adv_ref, ret_ref = gae_ref(r, v, m, gamma=0.99, lam=0.95)
+            err = max((adv.view(B, T) - adv_ref).abs().max().item(),
+                      (ret.view(B, T) - ret_ref).abs().max().item())  # host sync
+            assert err <= 1e-4, f"Triton GAE vs gae_ref: max error {err:.2e}"
+            ref_ms = _device_ms(lambda: gae_ref(r, v, m, gamma=0.99, lam=0.95), device)
+            op_ms = _device_ms(lambda: gae(r, v, m, gamma=0.99, lam=0.95), device)
+            out[f"{key}_speedup_vs_loop"] = round(ref_ms / op_ms, 1)
+        ms = _device_ms(lambda: _gae_triton(*flat), device)
+        gbs = B * T * (4 + 4 + 1 + 4 + 4) / (ms * 1e-3) / 1e9
+        out.update({f"{key}_us": round(ms * 1e3, 1), f"{key}_gbs": round(gbs, 3),
+                    f"{key}_hbm_frac": round(gbs / peak_gbs, 4)})
     return out
 
 
-def bench_ppo_gpu(sizes=(64 * 2048, 1 << 24), dtype=torch.float32, peak_gbs: float = 4800.0) -> dict:
-    """Triton PPO loss on CUDA: forward kernel time and GB/s (reads 6 (N,) tensors, writes dlogp),
-    fused fwd+bwd vs eager fwd+bwd time ratio, and the peak-extra-memory ratio (CUDA allocator)."""
-    from fastagent.kernels import ppo_token_sums_and_grads
+def bench_ppo_gpu(sizes=PPO_SIZES, dtype=torch.float32, peak_gbs: float = 4800.0,
+                  device: str = "cuda") -> dict:
+    """Triton PPO loss: forward kernel time and GB/s (reads 6 (N,) tensors, writes dlogp), fused
+    fwd+bwd vs eager fwd+bwd time ratio, and the peak-extra-memory ratio."""
+    from fastagent.kernels.ppo_loss import _ppo_fwd_torch, _ppo_fwd_triton, _prep
 
+    cfg = PPO_CFG
+    consts = (cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"], cfg["kl_coef"],
+              cfg["kl_estimator"] == "k3", cfg["entropy_coef"])  # the launchers' positional floats
     out = {}
     for n in sizes:
-        inputs = _ppo_inputs(n, device="cuda", dtype=dtype)
+        inputs = _ppo_inputs(n, device=device, dtype=dtype)
+        flat = _prep(*inputs)  # (N,) contiguous: what ppo_loss hands the kernel
+        sums, dlogp = _ppo_fwd_triton(*flat, *consts)
+        sums_ref, dlogp_ref = _ppo_fwd_torch(*flat, *consts)
+        err = max((sums - sums_ref).abs().max().item(), (dlogp - dlogp_ref).abs().max().item())
+        assert err <= 1e-4, f"Triton PPO forward vs torch: max error {err:.2e}"
         es = inputs[0].element_size()
-        fwd_ms = _cuda_ms(lambda: ppo_token_sums_and_grads(*inputs, **PPO_CFG))
+        fwd_ms = _device_ms(lambda: _ppo_fwd_triton(*flat, *consts), device)
         gbs = n * (4 * es + 2 * 4 + es) / (fwd_ms * 1e-3) / 1e9
         key = f"ppo_gpu_{n}"
-        out.update({f"{key}_fwd_us": round(fwd_ms * 1e3, 1), f"{key}_fwd_gbs": round(gbs, 1),
-                    f"{key}_fwd_hbm_frac": round(gbs / peak_gbs, 3)})
+        out.update({f"{key}_fwd_us": round(fwd_ms * 1e3, 1), f"{key}_fwd_gbs": round(gbs, 3),
+                    f"{key}_fwd_hbm_frac": round(gbs / peak_gbs, 4)})
         times, peaks = {}, {}
+        for t in (inputs[0], inputs[5]):
+            t.requires_grad_()
         for variant in ("eager", "fused"):
-            for t in (inputs[0], inputs[5]):
-                t.requires_grad_()
             step = _ppo_step(variant, inputs)
-            times[variant] = _cuda_ms(step)
+            times[variant] = _device_ms(step, device)
             inputs[0].grad = inputs[5].grad = None
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peaks[variant] = torch.cuda.max_memory_allocated() - base
+            peaks[variant] = _peak_extra_bytes(step, device)
         out.update({f"{key}_speedup": round(times["eager"] / times["fused"], 2),
                     f"{key}_fused_fwd_bwd_us": round(times["fused"] * 1e3, 1),
                     f"{key}_mem_ratio": round(peaks["fused"] / max(peaks["eager"], 1), 3)})
@@ -241,6 +284,13 @@ def bench_ppo_gpu(sizes=(64 * 2048, 1 << 24), dtype=torch.float32, peak_gbs: flo
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--mem-worker":
         print(json.dumps(mem_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    elif "--gpu" in sys.argv:
+        dry = "--dry-run" in sys.argv
+        if dry:  # before fastagent.kernels imports triton
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        device = "cpu" if dry else "cuda"
+        print(json.dumps({**bench_gae_gpu(GAE_DRY if dry else GAE_SHAPES, device=device),
+                          **bench_ppo_gpu(PPO_DRY if dry else PPO_SIZES, device=device)}))
     else:
         torch.set_num_threads(2)
         quick = "--quick" in sys.argv

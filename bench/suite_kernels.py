@@ -2,6 +2,7 @@
 
     python bench/throughput.py --suite kernels [--quick] [--threads 2]
     python bench/suite_kernels.py --gpu [--quick]      # CUDA: Qwen2.5-7B shapes (bench/gpu_check.sh)
+    python bench/suite_kernels.py --gpu --dry-run      # the same calls on CPU, tiny shapes, Triton interpreter
 
 K1 (DESIGN.md), at T=4096, H=576, V=49152, fp32, 2 torch threads (--quick: T=512, V=8192):
   K1_time_ratio      fused_linear_cross_entropy fwd+bwd time / naive fwd+bwd; target <= 1.0
@@ -166,21 +167,57 @@ def run(args) -> dict:
 
 
 # ---------------------------------------------------------------- GPU (bench/gpu_check.sh)
-def _cuda_step_stats(step, no_grad: bool, params) -> tuple[float, int]:
-    """(median ms over CUDA-event timed runs, peak extra bytes of one run, CUDA allocator)."""
-    import torch
-    import triton
+# On CUDA: CUDA-event timing (triton.testing.do_bench, median) and the CUDA allocator's peak. The
+# dry run (bench/gpu_check.sh --dry-run) calls the same functions with device="cpu", DRY_SHAPES and
+# TRITON_INTERPRET=1: the Triton kernels then run in Triton's interpreter on CPU tensors, times come
+# from perf_counter and peak memory from the resident set. Its numbers mean nothing; it proves that
+# every call the GPU run makes works and gives the reference results.
+GPU_SHAPES = dict(h=3584, v=152064, tokens=(4096, 16384))  # Qwen2.5-7B lm_head, bf16
+DRY_SHAPES = dict(h=32, v=4500, tokens=(8, 24))  # V > VOCAB_BLOCK["cpu"]: two vocab blocks on CPU
+TOL = {"bfloat16": 3e-2, "float32": 1e-4}  # max |err| / max(|ref|, 1), as in tests/test_logprob.py
 
-    ms = triton.testing.do_bench(lambda: _run_once(step, no_grad, params), warmup=2, rep=20,
-                                 return_mode="median")
+
+def _device_ms(fn, device: str) -> float:
+    """Median ms over CUDA-event timed runs on CUDA; elsewhere (the dry run) one perf_counter run."""
+    if device == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=2, rep=20, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak_extra_bytes(fn, device: str) -> int:
+    """Peak extra memory of one call: CUDA allocator on CUDA, resident-set growth (VmHWM) on CPU."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    gc.collect()
+    rss0 = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    fn()
+    return (_status_kb("VmHWM") - rss0) * 1024
+
+
+def _step_stats(step, no_grad: bool, params, device: str) -> tuple[float, int]:
+    """(ms per fwd(+bwd), peak extra bytes of one run)."""
+    ms = _device_ms(lambda: _run_once(step, no_grad, params), device)
     for p in params:
         p.grad = None  # grads of the timed runs are not part of this run's peak
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    _run_once(step, no_grad, params)
-    torch.cuda.synchronize()
-    return ms, torch.cuda.max_memory_allocated() - base
+    return ms, _peak_extra_bytes(lambda: _run_once(step, no_grad, params), device)
+
+
+def _rel_err(actual, expected) -> float:
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()  # host sync
 
 
 def _liger_step(hidden, weight, labels):
@@ -197,26 +234,42 @@ def _liger_step(hidden, weight, labels):
     return step
 
 
-def _row_pass_gbs(t: int, v: int, dtype, device: str = "cuda") -> dict:
-    """Achieved GB/s of the Triton row passes on one (C, V) chunk: stats reads C*V values,
-    grad reads and writes them."""
+def _row_pass_gbs(c: int, v: int, dtype, device: str) -> dict:
+    """Achieved GB/s of the Triton row passes (kernels/logprob_triton.py) on one (C, V) block of
+    whole rows: stats reads C*V values, grad reads and writes them. Checks lse and entropy first."""
     import torch
-    import triton
 
-    from fastagent.kernels.logprob_triton import row_grad_, row_stats
+    from fastagent.kernels.logprob import finish_stats, new_state
+    from fastagent.kernels.logprob_triton import row_grad_, row_stats_
 
-    c = min(t, 1024)
-    logits = torch.randn(c, v, device=device).to(dtype)
-    labels = torch.randint(0, v, (c,), device=device)
-    logp, ent, lse = row_stats(logits, labels, 1.0)
-    dlogp = torch.randn(c, device=device)
-    nbytes = c * v * logits.element_size()
-    stats_ms = triton.testing.do_bench(lambda: row_stats(logits, labels, 1.0), return_mode="median")
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(c, v, generator=g)).to(device, dtype)  # (C, V), entropy ~ 8
+    labels = torch.randint(0, v, (c,), generator=g).to(device)
+    state = new_state(c, logits.device)  # (m, s, t, zl), each (C,) fp32
+    row_stats_(logits, labels, 0, v, 1.0, *state)
+    logp, ent, lse = finish_stats(labels, *state)
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    name = str(dtype).removeprefix("torch.")
+    for what, got, want in (("lse", lse, torch.logsumexp(logits.float(), -1)),
+                            ("entropy", ent, -(ref.exp() * ref).sum(-1)),
+                            ("logp", logp, ref.gather(1, labels[:, None])[:, 0])):
+        err = _rel_err(got, want)
+        assert err <= TOL[name], f"row_stats_ {name} {what}: error {err:.2e} vs torch"
+    dlogp, dent = torch.randn(c, generator=g).to(device), torch.randn(c, generator=g).to(device)
     work = logits.clone()
-    grad_ms = triton.testing.do_bench(lambda: row_grad_(work, labels, lse, ent, dlogp, dlogp, 1.0),
-                                      return_mode="median")
-    return {"row_stats_gbs": round(nbytes / stats_ms / 1e6, 1),
-            "row_grad_gbs": round(2 * nbytes / grad_ms / 1e6, 1)}
+    row_grad_(work, labels, 0, lse, ent, dlogp, dent, 1.0)  # work := dL/dlogits
+    p = ref.exp()
+    want = -p * (dlogp[:, None] + dent[:, None] * (ref + ent[:, None]))
+    want.scatter_add_(1, labels[:, None], dlogp[:, None])
+    err = _rel_err(work, want)
+    assert err <= TOL[name], f"row_grad_ {name}: error {err:.2e} vs torch"
+    # Timed: stats merges the block into the same state again (s doubles per call and may reach
+    # inf), grad overwrites its own output: the values change, the memory traffic does not.
+    stats_ms = _device_ms(lambda: row_stats_(logits, labels, 0, v, 1.0, *state), device)
+    grad_ms = _device_ms(lambda: row_grad_(work, labels, 0, lse, ent, dlogp, dent, 1.0), device)
+    nbytes = c * v * logits.element_size()
+    return {f"row_stats_gbs_{name}": round(nbytes / stats_ms / 1e6, 3),
+            f"row_grad_gbs_{name}": round(2 * nbytes / grad_ms / 1e6, 3)}
 
 
 def _matmul_floor(hidden, weight):
@@ -228,27 +281,49 @@ def _matmul_floor(hidden, weight):
     return step
 
 
-def gpu_bench(quick: bool, h: int = 3584, v: int = 152064, tokens: tuple[int, ...] = (4096, 16384),
-              device: str = "cuda") -> dict:
-    """Qwen2.5-7B lm_head shapes (H=3584, V=152064), bf16: ours vs torch (and Liger if installed)."""
+def _logprob_err(hidden, weight, labels) -> float:
+    """logprob() vs log_softmax of the same-dtype logits: the benchmarked op computes the right thing."""
     import torch
 
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    from fastagent.kernels import logprob
+
+    with torch.no_grad():
+        logp, _ = logprob(hidden, weight, labels)
+        want = torch.log_softmax((hidden @ weight.T).float(), -1).gather(1, labels[:, None])[:, 0]
+    return _rel_err(logp, want)
+
+
+def gpu_bench(quick: bool, h: int, v: int, tokens: tuple[int, ...], device: str = "cuda") -> dict:
+    """lm_head + loss at (T, H, V), bf16: ours vs torch, a matmul floor, Liger if installed; and
+    the Triton row passes' GB/s. GPU_SHAPES on CUDA; DRY_SHAPES with device="cpu" (dry run)."""
+    import torch
+
+    from fastagent.kernels.logprob import row_pass
+
+    rp = row_pass(torch.device(device)).name
+    assert rp == "triton", f"row pass on {device} is {rp!r}, not triton (dry run: TRITON_INTERPRET=1)"
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
+           "torch": torch.__version__, "row_pass": rp, "shape": f"H={h},V={v}"}
     for t in (tokens[:1] if quick else tokens):
         steps, params = _make_steps(t, h, v, device=device, dtype=torch.bfloat16)
+        err = _logprob_err(*(p.detach() for p in params))
+        assert err <= TOL["bfloat16"], f"T={t}: logprob vs torch error {err:.2e}"
+        out[f"T{t}_logprob_err"] = round(err, 5)
         steps["matmul_floor"] = (_matmul_floor(params[0].detach(), params[1].detach()), True)
         liger = _liger_step(*params)
         if liger is not None:
             steps["liger_ce"] = (liger, False)
         for name, (step, no_grad) in steps.items():
             try:
-                ms, peak = _cuda_step_stats(step, no_grad, params)
-            except Exception as exc:  # e.g. another Liger API version: report, keep going
+                ms, peak = _step_stats(step, no_grad, params, device)
+            except Exception as exc:  # only Liger: another API version, or no CPU support
+                if name != "liger_ce":
+                    raise
                 out[f"T{t}_{name}_error"] = repr(exc)[:200]
                 continue
-            out[f"T{t}_{name}_ms"] = round(ms, 2)
-            out[f"T{t}_{name}_peak_mb"] = round(peak / 2**20, 1)
-            print(f"   T={t} {name}: {ms:.2f} ms, peak extra {peak / 2**20:.0f} MiB", file=sys.stderr,
+            out[f"T{t}_{name}_ms"] = round(ms, 3)
+            out[f"T{t}_{name}_peak_mb"] = round(peak / 2**20, 2)
+            print(f"   T={t} {name}: {ms:.2f} ms, peak extra {peak / 2**20:.1f} MiB", file=sys.stderr,
                   flush=True)
         for a, b in (("fused_ce", "naive"), ("logprob_fwd", "naive_fwd"), ("fused_ppo", "naive_ppo"),
                      ("fused_ce", "liger_ce"), ("fused_ce", "matmul_floor")):
@@ -257,10 +332,10 @@ def gpu_bench(quick: bool, h: int = 3584, v: int = 152064, tokens: tuple[int, ..
                 out[f"T{t}_{a}_over_{b}_mem"] = round(
                     out[f"T{t}_{a}_peak_mb"] / max(out[f"T{t}_{b}_peak_mb"], 1e-3), 3)
         del steps, params
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     for dtype in (torch.bfloat16, torch.float32):
-        r = _row_pass_gbs(4096, v, dtype, device)
-        out.update({f"{k}_{str(dtype).removeprefix('torch.')}": x for k, x in r.items()})
+        out.update(_row_pass_gbs(min(tokens[0], 1024), v, dtype, device))
     return out
 
 
@@ -269,6 +344,13 @@ if __name__ == "__main__":
         name, *nums = sys.argv[2:]
         print(json.dumps(mem_worker(name, *map(int, nums))), flush=True)
     elif "--gpu" in sys.argv:
-        print(json.dumps(gpu_bench("--quick" in sys.argv)), flush=True)
+        if "--dry-run" in sys.argv:  # before fastagent.kernels imports triton
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            os.environ.setdefault("FASTAGENT_KERNELS", "triton")
+        dry = "--dry-run" in sys.argv
+        result = gpu_bench("--quick" in sys.argv, **(DRY_SHAPES if dry else GPU_SHAPES),
+                           device="cpu" if dry else "cuda")
+        print(json.dumps(result), flush=True)
     else:
-        sys.exit("run through bench/throughput.py --suite kernels, or: suite_kernels.py --gpu [--quick]")
+        sys.exit("run through bench/throughput.py --suite kernels, or: "
+                 "suite_kernels.py --gpu [--quick] [--dry-run]")
