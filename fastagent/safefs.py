@@ -218,8 +218,8 @@ def open_beneath(root: str | Path | int, rel: str, flags: int = os.O_RDONLY, mod
             os.close(rfd)
 
 
-def _open_regular(root: str | Path | int, rel: str, allow_links: bool) -> tuple[int, os.stat_result]:
-    """(fd, fstat) of a regular file beneath root; its type is checked before the real open."""
+def open_regular(root: str | Path | int, rel: str, *, allow_links: bool = False) -> tuple[int, os.stat_result]:
+    """(O_RDONLY fd, its fstat) of regular file `rel` beneath root (see read_bytes for the checks)."""
     if _O_PATH:  # an O_PATH fd opens nothing: a fifo cannot block, a device's open() never runs
         pfd = open_beneath(root, rel, _O_PATH)
         try:
@@ -273,7 +273,7 @@ def _too_big(rel: str, max_bytes: int) -> UnsafePath:
 
 def read_bytes(root: str | Path | int, rel: str, max_bytes: int, *, allow_links: bool = False) -> bytes:
     """The content of regular file `rel` beneath root; UnsafePath if it is more than max_bytes."""
-    fd, st = _open_regular(root, rel, allow_links)
+    fd, st = open_regular(root, rel, allow_links=allow_links)
     try:
         if st.st_size > max_bytes:
             raise _too_big(rel, max_bytes)
@@ -293,7 +293,7 @@ def read_text(root: str | Path | int, rel: str, max_bytes: int, *, allow_links: 
 def read_head(root: str | Path | int, rel: str, max_bytes: int, *,
               allow_links: bool = False) -> tuple[bytes, bool]:
     """(at most max_bytes from the start of regular file `rel`, whether the file is longer)."""
-    fd, _ = _open_regular(root, rel, allow_links)
+    fd, _ = open_regular(root, rel, allow_links=allow_links)
     try:
         data = _read_capped(fd, max_bytes + 1)
     finally:
@@ -313,10 +313,11 @@ def copy_out(root: str | Path | int, rel: str, dest: Path, max_bytes: int, *,
     return hashlib.sha256(data).hexdigest()
 
 
-def copy_fd_sparse(src: int, dst: int, max_bytes: int, rel: str = "file", hasher=None) -> int:
-    """Copy src (from offset 0) to dst: data extents are copied, holes stay holes (SEEK_DATA/
-    SEEK_HOLE; a full copy where those are missing). Updates `hasher` with the logical content
-    (holes as zeros). Returns the size written; UnsafePath beyond max_bytes."""
+def copy_fd_sparse(src: int, dst: int | None, max_bytes: int, rel: str = "file", hasher=None) -> int:
+    """Copy src (from offset 0) to dst (None: only hash): data extents are copied, holes stay
+    holes (SEEK_DATA/SEEK_HOLE; a full copy where those are missing). `hasher` sees the logical
+    content (holes as zeros). Returns the size; UnsafePath if src is over max_bytes. Reads at
+    most the st_size seen at the start, and stops early if the file shrinks."""
     size = os.fstat(src).st_size
     if size > max_bytes:
         raise _too_big(rel, max_bytes)
@@ -326,17 +327,43 @@ def copy_fd_sparse(src: int, dst: int, max_bytes: int, rel: str = "file", hasher
         if data > pos and hasher is not None:
             _hash_zeros(hasher, data - pos)
         pos = data
-        while pos < hole:
-            b = os.pread(src, min(_CHUNK, hole - pos), pos)
-            if not b:  # the file shrank under us: what we have is what we hash and keep
-                hole = size = pos
-                break
-            os.pwrite(dst, b, pos)
-            if hasher is not None:
-                hasher.update(b)
-            pos += len(b)
-    os.ftruncate(dst, pos)  # a trailing hole; also trims a dst that was longer
+        if dst is not None and hasher is None:
+            got = _copy_range(src, dst, pos, hole)
+        else:
+            got = _copy_chunks(src, dst, pos, hole, hasher)
+        if got < hole:  # the file shrank under us: what we have is what we hash and keep
+            pos = size = got
+            break
+        pos = hole
+    if dst is not None:
+        os.ftruncate(dst, pos)  # a trailing hole; also trims a dst that was longer
     return pos
+
+
+def _copy_chunks(src: int, dst: int | None, pos: int, end: int, hasher) -> int:
+    while pos < end:
+        b = os.pread(src, min(_CHUNK, end - pos), pos)
+        if not b:
+            break
+        if dst is not None:
+            os.pwrite(dst, b, pos)
+        if hasher is not None:
+            hasher.update(b)
+        pos += len(b)
+    return pos
+
+
+def _copy_range(src: int, dst: int, pos: int, end: int) -> int:
+    """Copy [pos, end) in the kernel (copy_file_range), else by chunks; return where it stopped."""
+    try:
+        while pos < end:
+            n = os.copy_file_range(src, dst, end - pos, pos, pos)
+            if n == 0:
+                return pos
+            pos += n
+        return pos
+    except (OSError, AttributeError):  # EXDEV, ENOSYS, EINVAL on some filesystems
+        return _copy_chunks(src, dst, pos, end, None)
 
 
 def _extent(fd: int, pos: int, size: int) -> tuple[int, int]:
@@ -369,18 +396,11 @@ def copy_file(root: str | Path | int, src_rel: str, dst_rel: str, max_bytes: int
     """Copy regular file src_rel to dst_rel inside one tree: streamed, sparse-aware, capped. The
     copy is written to a temporary name beside dst and renamed over it (a link at dst is replaced,
     never followed); dst's parent directories must exist and be real directories."""
-    dparts = _parts(dst_rel)
-    if not dparts:
-        raise UnsafePath(f"{safe_name(dst_rel)!r} is not a file name: name the destination file")
     rfd, owned = _root_fd(root)
     try:
-        sfd, st = _open_regular(rfd, src_rel, allow_links=True)
+        sfd, st = open_regular(rfd, src_rel, allow_links=True)
         try:
-            pfd = open_beneath(rfd, "/".join(dparts[:-1]), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                _copy_into(sfd, pfd, dparts[-1], stat.S_IMODE(st.st_mode) & 0o755, max_bytes, src_rel)
-            finally:
-                os.close(pfd)
+            write_from_fd(rfd, dst_rel, sfd, max_bytes, mode=stat.S_IMODE(st.st_mode) & 0o755)
         finally:
             os.close(sfd)
     finally:
@@ -388,22 +408,61 @@ def copy_file(root: str | Path | int, src_rel: str, dst_rel: str, max_bytes: int
             os.close(rfd)
 
 
-def _copy_into(sfd: int, pfd: int, name: str, mode: int, max_bytes: int, rel: str) -> None:
+def write_from_fd(root: str | Path | int, dst_rel: str, src: int, max_bytes: int, *,
+                  mode: int = 0o644, make_parents: bool = False) -> None:
+    """Write the content of fd src (sparse-aware, capped) to dst_rel beneath root: a temporary
+    file beside it renamed over it, so dst is replaced whole (a link there is replaced, not
+    followed). Parents must be real directories; make_parents creates missing ones."""
+    parts = _parts(dst_rel)
+    if not parts:
+        raise UnsafePath(f"{safe_name(dst_rel)!r} is not a file name: name the destination file")
+    pfd = (_makedirs(root, parts[:-1]) if make_parents else
+           open_beneath(root, "/".join(parts[:-1]), os.O_RDONLY | os.O_DIRECTORY))
+    name = parts[-1]
     tmp = f".{name[:100]}.{uuid.uuid4().hex[:12]}.tmp"
-    dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600,
-                  dir_fd=pfd)
     try:
+        dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, 0o600,
+                      dir_fd=pfd)
         try:
-            copy_fd_sparse(sfd, dfd, max_bytes, rel)
-            os.fchmod(dfd, mode)
-        finally:
-            os.close(dfd)
-        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            try:
+                copy_fd_sparse(src, dfd, max_bytes, dst_rel)
+                os.fchmod(dfd, mode & 0o777)
+            finally:
+                os.close(dfd)
+            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=pfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(pfd)
+
+
+def _makedirs(root: str | Path | int, parts: list[str]) -> int:
+    """An fd of directory root/parts..., creating missing components; no link is followed."""
+    rfd, owned = _root_fd(root)
+    fd = os.dup(rfd)
+    if owned:
+        os.close(rfd)
+    try:
+        for i, name in enumerate(parts):
+            try:
+                os.mkdir(name, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                nfd = os.open(name, _DIR, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    _explain(fd, name, "/".join(parts[:i + 1]), "/".join(parts), False)
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
     except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=pfd)
-        except OSError:
-            pass
+        os.close(fd)
         raise
 
 
