@@ -39,14 +39,16 @@ fi
 'cuda', torch.cuda.is_available())" || exit 1
 
 # fastagent.kernels lives in kernels/ (a package-dir mapping in pyproject.toml): without an install,
-# expose it through a throwaway overlay package on PYTHONPATH (links only, nothing is copied).
+# expose it through a throwaway overlay package on PYTHONPATH (links only, nothing is copied). The
+# checkout's own fastagent/ (no kernels/) must not come first: pytest runs with -P (no cwd on
+# sys.path), and tests/_proc.py keeps PYTHONPATH ahead of the root in its subprocesses.
 if ! "$PY" -c "import fastagent.kernels" 2>/dev/null; then
   overlay="$(mktemp -d)/fastagent"
   mkdir -p "$overlay"
   for entry in "$PWD"/fastagent/*; do ln -s "$entry" "$overlay/"; done
   ln -s "$PWD/kernels" "$overlay/kernels"
   export PYTHONPATH="$(dirname "$overlay")${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c "import fastagent.kernels" || { echo "cannot import fastagent.kernels"; exit 1; }
+  "$PY" -P -c "import fastagent.kernels" || { echo "cannot import fastagent.kernels"; exit 1; }
 fi
 
 step() {  # step NAME TIMEOUT_S CMD...: run, time, and record a failure without stopping
@@ -61,7 +63,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, time, and record a failure without 
 
 tests=(tests/test_logprob.py)
 for f in tests/test_gae.py tests/test_ppo_loss.py; do [ -f "$f" ] && tests+=("$f"); done
-step "kernel tests on CUDA" 180 "$PY" -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" \
+step "kernel tests on CUDA" 180 "$PY" -P -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" \
   "${tests[@]}" -k "cuda or gpu or triton"
 step "lm_head kernels at Qwen2.5-7B shapes" 200 "$PY" bench/suite_kernels.py --gpu "${dry[@]}"
 step "GAE and PPO-loss kernels" 90 "$PY" bench/_kernels_b.py --gpu "${dry[@]}"

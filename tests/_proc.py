@@ -39,9 +39,12 @@ def run_triton_interpreted(script: str, **env: str) -> None:
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # the scripts may import the test module itself, which imports this one: both folders on the path
-    full_env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]),
-                    **env)
-    out = subprocess.run([sys.executable, "-c", script], env=full_env, cwd=root,
+    # the scripts may import the test module itself, which imports this one: both folders on the path,
+    # after the caller's PYTHONPATH, and no cwd first (-P): without an install bench/gpu_check.sh puts
+    # a fastagent overlay (with kernels/) there that the checkout's fastagent/ must not shadow.
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    full_env = dict(os.environ, TRITON_INTERPRET="1",
+                    PYTHONPATH=os.pathsep.join([*path, root, os.path.join(root, "tests")]), **env)
+    out = subprocess.run([sys.executable, "-P", "-c", script], env=full_env, cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "TRITON_OK" in out.stdout, out.stderr[-3000:]
