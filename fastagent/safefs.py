@@ -80,7 +80,11 @@ class Caps:
 def safe_name(name: str) -> str:
     """`name` for an observation: valid UTF-8 (undecodable bytes -> U+FFFD), control, format
     and separator characters (newlines, bidi overrides, zero-width) escaped as \\xNN / \\uNNNN."""
-    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if any("\ud800" <= c <= "\udfff" for c in name):  # undecodable bytes (or stray surrogates)
+        name = "".join("\ufffd" if "\ud800" <= c <= "\udfff" and not "\udc80" <= c <= "\udcff" else c
+                       for c in name)
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = name
     out = []
     for c in text:
         if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
@@ -530,7 +534,7 @@ def sanitize(root: str | Path | int, caps: Caps = Caps()) -> list[str]:
             rel, depth = stack.pop()
             fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY) if rel else os.dup(rfd)
             try:
-                for e in list(os.scandir(fd)):
+                for e in _entries(fd):
                     count += 1
                     if count > caps.max_files:
                         raise UnsafePath(f"the workspace has more than {caps.max_files} files and "
@@ -554,6 +558,12 @@ def sanitize(root: str | Path | int, caps: Caps = Caps()) -> list[str]:
         if owned:
             os.close(rfd)
     return changed
+
+
+def _entries(fd: int):
+    """The entries of dir fd, read lazily (a cap can stop a huge directory early)."""
+    with os.scandir(fd) as it:
+        yield from it
 
 
 def _strip_at(dirfd: int, name: str, st: os.stat_result, rel: str, changed: list[str], kind: int) -> None:
