@@ -70,7 +70,7 @@ def ws(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool():
-    with Pool(workers=2, devices=["/dev/ptmx"]) as p:
+    with Pool(workers=2, devices=["/dev/ptmx"], keep_logs=True) as p:
         yield p
 
 
@@ -130,8 +130,9 @@ def test_python_exit_semantics(pool, ws):
 
 
 def test_self_signal_works_like_a_normal_process(pool, ws):
+    """A job that signals itself dies like a normal process, and it is its own error."""
     res = pool.run(ws, argv=["python", "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
-    assert (res.cause, res.signal) == ("killed", signal.SIGTERM)
+    assert (res.cause, res.signal) == ("error", signal.SIGTERM) and "SIGTERM" in res.note
 
 
 def test_output_merged_in_order_with_separate_files(pool, ws):
@@ -156,8 +157,11 @@ def test_limits_causes(pool, ws):
     assert "wall-clock limit" in res.note and "wall-clock limit" in res.output
     res = pool.run(ws, argv=["python", "-c", "while True: pass"], limits=Limits(cpu_s=1, wall_s=30))
     assert res.cause == "timeout" and "CPU-time" in res.note
-    res = pool.run(ws, argv=["python", "-c", "x = bytearray(8 << 30)"], limits=Limits(memory_mb=512))
-    assert res.cause == "oom" and "MemoryError" in res.output
+    res = pool.run(ws, argv=["python", "-c", "x = []\nwhile True: x.append(bytearray(32 << 20))"],
+                   limits=Limits(memory_mb=512))
+    assert res.cause == "oom" and "out of memory" in res.note, res.output
+    res = pool.run(ws, argv=["python", "-c", "x = bytearray(64 << 30)"], limits=Limits(memory_mb=512))
+    assert res.cause == "error" and "MemoryError" in res.output  # refused at once: nothing was used
     res = pool.run(ws, argv=["python", "-c", "open('big', 'wb').write(b'0' * (3 << 20))"],
                    limits=Limits(file_mb=1))
     assert res.cause == "error" and "File too large" in res.output
@@ -193,30 +197,24 @@ def test_readonly_path_outside_workspace(pool, ws, tmp_path):
     assert not (shared / "x").exists()
 
 
-def test_workspace_that_cannot_be_idmapped_runs_as_uid0_without_powers(pool, ws, monkeypatch):
-    """As root the workspace is idmapped for the `nobody` job; on a filesystem that refuses idmapped
-    mounts the job falls back to uid 0 with no capabilities. Force that refusal here."""
-    from fastagent.sandbox import syscalls as _sandbox_sys
-
-    real = _sandbox_sys.mount_setattr
-
-    def no_idmap(target, attr_set, *args, **kw):
-        if attr_set & _sandbox_sys.ATTR_IDMAP:
-            raise OSError(22, "idmapped mounts unsupported here (test)")
-        return real(target, attr_set, *args, **kw)
-
-    monkeypatch.setattr(_sandbox_sys, "mount_setattr", no_idmap)
-    code = ("import os\nopen('uid0.txt', 'w').write('x')\n"
+def test_job_runs_unprivileged_and_its_files_are_not_root_s(pool, ws):
+    """As root the job is nobody (65534), never uid 0; it can write its workspace (the pool hands
+    it over), its files are stored as nobody, and the data it gets read-only stays root's."""
+    (ws / "ro").mkdir()
+    (ws / "ro" / "table.csv").write_text("1\n")
+    code = ("import os\nopen('mine.txt', 'w').write('x')\n"
             "caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')]\n"
             "denied = []\n"
-            "for p in ['/etc/shadow', '/usr/pwned', '/proc/sys/kernel/hostname']:\n"
+            "for p in ['/etc/shadow', '/usr/pwned', '/proc/sys/kernel/hostname', 'ro/table.csv']:\n"
             "    try:\n        open(p, 'a').close()\n    except OSError:\n        denied.append(p)\n"
             "print(os.getuid(), caps[0].split()[1], len(denied))")
-    res = pool.run(ws, argv=["python", "-c", code])
-    expected_uid = 0 if pool.isolation["job_uid"].startswith("nobody") else os.getuid()
-    assert res.ok and res.output == f"{expected_uid} 0000000000000000 3\n", res.output
-    assert (ws / "uid0.txt").exists()
-    (ws / "uid0.txt").unlink()
+    res = pool.run(ws, argv=["python", "-c", code], readonly=[ws / "ro"])
+    expected_uid = 65534 if os.geteuid() == 0 else os.getuid()
+    assert res.ok and res.output == f"{expected_uid} 0000000000000000 4\n", res.output
+    assert (ws / "mine.txt").stat().st_uid == expected_uid
+    assert (ws / "ro" / "table.csv").stat().st_uid == os.geteuid()
+    (ws / "mine.txt").unlink()
+    shutil.rmtree(ws / "ro")
 
 
 def test_parallel_jobs_all_complete(pool, ws):

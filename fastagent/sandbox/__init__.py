@@ -94,10 +94,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
+from fastagent.sandbox import ownership
 from fastagent.sandbox import pool as _pool_loop
-from fastagent.sandbox.limits import CAUSES, Limits, Result
+from fastagent.sandbox.limits import CAUSES, Limits, Result, SandboxError
 
-__all__ = ["Pool", "Limits", "Result", "CAUSES", "DEFAULT_PRELOAD"]
+__all__ = ["Pool", "Limits", "Result", "SandboxError", "CAUSES", "DEFAULT_PRELOAD"]
+NOBODY = 65534  # the host uid of every job when the pool runs as root
 
 DEFAULT_PRELOAD = ("numpy", "pandas", "scipy", "sklearn", "sklearn.linear_model", "sklearn.ensemble",
                    "sklearn.model_selection", "sklearn.metrics", "sklearn.preprocessing",
@@ -115,7 +117,7 @@ class Pool:
                  queue_size: int | None = None, threads_per_job: int | None = None,
                  isolation: str = "auto", allow_unisolated: bool = False,
                  env: dict[str, str] | None = None, default_limits: Limits | None = None,
-                 devices: Sequence[str] = ()):
+                 devices: Sequence[str] = (), keep_logs: bool = False):
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         if isolation not in ("auto", "namespaces", "landlock", "none"):
@@ -128,6 +130,7 @@ class Pool:
         self.workers = workers
         self.queue_size = queue_size or 16 * workers
         self.default_limits = default_limits or Limits()
+        self.keep_logs = keep_logs
         self._own_log_dir = log_dir is None
         self.log_dir = Path(tempfile.mkdtemp(prefix="fastagent-sandbox-") if log_dir is None else log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +160,7 @@ class Pool:
             if self._fatal:
                 break
         if self._fatal:
-            raise RuntimeError(self._fatal)
+            raise SandboxError(self._fatal)
         return dict(self._info)
 
     @property
@@ -168,16 +171,23 @@ class Pool:
                argv: Sequence[str] | None = None, limits: Limits | None = None,
                readonly: Sequence[Path | str] = (), env: dict[str, str] | None = None
                ) -> concurrent.futures.Future:
-        """Queue one job; blocks while the queue is full. Returns a Future[Result]."""
+        """Queue one job; blocks while the queue is full. Returns a Future[Result]; its exception is
+        a SandboxError when the sandbox (not the job) failed. Bad arguments raise ValueError here."""
         spec = self._spec(workspace, script, args, argv, limits, readonly, env)
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        if os.geteuid() == 0:  # the job runs as nobody: hand it its workspace (see ownership.py)
+            try:
+                ownership.give_to_job(spec["workspace"], NOBODY, NOBODY, spec["readonly"])
+            except OSError as e:
+                fut.set_exception(SandboxError(f"cannot hand the workspace {spec['workspace']} to the job: {e}"))
+                return fut
         with self._lock:
             while len(self._pending) >= self.queue_size and not self._closing and not self._fatal:
                 self._lock.wait()
             if self._closing:
                 raise RuntimeError("the sandbox pool is shut down")
             if self._fatal:
-                raise RuntimeError(self._fatal)
+                raise SandboxError(self._fatal)
             self._pending.append((fut, spec))
         self._wake()
         return fut
@@ -248,5 +258,6 @@ class Pool:
         job_id = next(self._ids)
         return {"id": job_id, "workspace": str(ws), "argv": list(argv), "limits": asdict(limits),
                 "readonly": ro, "env": {str(k): str(v) for k, v in (env or {}).items()},
-                "stdout_path": str(self.log_dir / f"job-{job_id}.stdout"),
-                "stderr_path": str(self.log_dir / f"job-{job_id}.stderr")}
+                "stdout_path": str(self.log_dir / f"job-{job_id}.stdout") if self.keep_logs else None,
+                "stderr_path": str(self.log_dir / f"job-{job_id}.stderr") if self.keep_logs else None,
+                "tmp_path": str(self.log_dir / f"job-{job_id}.tmp")}  # fallback modes' private /tmp

@@ -2,15 +2,18 @@
 
 Runs in two forks of the zygote, made by the job's supervisor T (see fastagent/sandbox/__init__.py).
 Namespace mode: J is PID 1 of the user, mount, network, PID, IPC and UTS namespaces T created.
+As root J first moves itself into the job's memory and pids cgroups (fastagent/sandbox/cgroups.py).
 While no job is there yet, J stages a new root (a tmpfs with read-only binds of the system and
-Python directories only, a fresh /proc, a minimal /dev, a private /tmp, unreadable covers over the
-dataset files inside site-packages), forks the job process K, drops its own capabilities and from
-then on only reaps. K takes the job: mounts the workspace (a detached mount tree cloned outside),
-drops every capability, sets rlimits, runs the code (Python in this warm interpreter through
-fastagent/sandbox/run.py, anything else with execve). When K ends, J SIGKILLs every other process
-of the namespace, reaps them all and reports K's status and the tree's CPU and memory use to T.
-Landlock mode (no namespaces): J is the job itself and confines itself with Landlock and a seccomp
-filter. Not a public API.
+Python directories only, a fresh /proc, a minimal /dev, a private /tmp, unreadable covers over
+every non-code file inside site-packages, see sitedata.py), forks the job process K, drops its own
+capabilities and from then on only reaps. K takes the job: mounts the workspace (a detached mount
+tree cloned outside), drops every capability, sets rlimits, tells T over the J/T socket that the
+job starts (or why set-up failed), closes that socket and only then runs the code (Python in this
+warm interpreter through fastagent/sandbox/run.py, anything else with execve): the job never holds
+a channel T believes. When K ends, J SIGKILLs every other process of the namespace, reaps them
+all and reports K's status and the tree's CPU and memory use to T. Landlock mode (no namespaces):
+J is the job itself and confines itself with Landlock and a seccomp filter; as root it becomes
+nobody first. Not a public API.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from fastagent.sandbox import syscalls as ss
 STAGE = "/tmp"  # where the new root is assembled inside J's private mount namespace
 HIDDEN = "/dev/.hidden"  # mode-000 dir holding the empty file and dir bound over hidden paths
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-_KEEP_SUFFIXES = (".py", ".pyc", ".pyi", ".so", ".pyd")
-EXIT_SETUP = 126  # J could not set the job up (reported as a sandbox error, not the agent's)
+EXIT_SETUP = 126  # K could not set the job up (T learns why over the socket, never from this code)
+NOBODY = 65534
+
+
 def _makedirs(path: str, mode: int = 0o755) -> None:
     os.makedirs(path, mode=mode, exist_ok=True)
 
@@ -92,8 +97,7 @@ def stage_root(plan: dict) -> None:
             _makedirs(root + "/tmp/home")
         elif src == "proc":
             _mount_point(root + path, True)
-            ro = ss.MS_RDONLY if plan["uidmode"] == "root" else 0
-            ss.mount("proc", root + path, "proc", ss.MS_NOSUID | ss.MS_NODEV | ss.MS_NOEXEC | ro)
+            ss.mount("proc", root + path, "proc", ss.MS_NOSUID | ss.MS_NODEV | ss.MS_NOEXEC)
         else:
             _bind_ro(src, root + path, is_dir)
             os.close(src)
@@ -120,19 +124,26 @@ def _stage_dev(root: str, devs: list, plan: dict, uid: int, gid: int) -> None:
     _makedirs(f"{dev}/shm")
     ss.mount("tmpfs", f"{dev}/shm", "tmpfs", ss.MS_NOSUID | ss.MS_NODEV,
              f"size={plan['tmp_mb']}m,mode=1777,uid={uid},gid={gid}")
-    _makedirs(HIDDEN.replace("/dev", dev) + "/dir", 0o000)
-    os.close(os.open(root + HIDDEN + "/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000))
-    os.chmod(root + HIDDEN + "/dir", 0o000)
-    os.chmod(root + HIDDEN, 0o000)
+    # The covers' source: its own tiny read-only mount, so every bind of it is read-only, nosuid,
+    # nodev and noexec from the start (one mount call per hidden path, thousands per standby).
+    hidden = root + HIDDEN
+    _makedirs(hidden)
+    ss.mount("tmpfs", hidden, "tmpfs", ss.MS_NOSUID | ss.MS_NODEV | ss.MS_NOEXEC,
+             f"mode=000,size=4k,uid={uid},gid={gid}")
+    os.mkdir(hidden + "/dir", 0o000)
+    os.close(os.open(hidden + "/file", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o000))
+    ss.mount(None, hidden, None, ss.MS_REMOUNT | ss.MS_RDONLY | ss.MS_NOSUID | ss.MS_NODEV | ss.MS_NOEXEC,
+             f"mode=000,size=4k,uid={uid},gid={gid}")
 
 
 def hide(root: str, dirs: list[str], files: list[str]) -> None:
     """Cover each path with an empty, unreadable, read-only dir or file (EACCES to the job)."""
-    for paths, src, is_dir in ((dirs, "/dir", True), (files, "/file", False)):
+    for paths, src in ((dirs, "/dir"), (files, "/file")):
         for path in paths:
-            if os.path.lexists(root + path):
+            try:
                 ss.mount(root + HIDDEN + src, root + path, None, ss.MS_BIND)
-                ss.mount_setattr(root + path, ss.ATTR_RDONLY | ss.ATTR_NOSUID | ss.ATTR_NODEV, recursive=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # not there (an optional path, or it vanished): nothing to cover
 
 
 def _under(path: str, base: str) -> bool:
@@ -196,9 +207,12 @@ def _expand(path: str, hidden: list[str], kind: str) -> list[tuple[str, str]]:
 
 
 def set_limits(limits: dict, plan: dict, python_fork: bool) -> None:
+    """Per-process rlimits. Memory: the job's cgroup caps the whole tree where there is one (then no
+    RLIMIT_AS, so CUDA's address-space reservations need no headroom), else RLIMIT_AS per process."""
     mb = 1 << 20
-    memory = limits["memory_mb"] + (plan["baseline_mb"] if python_fork else 0)
-    resource.setrlimit(resource.RLIMIT_AS, (memory * mb, memory * mb))
+    if not plan["cgroups"]:
+        memory = limits["memory_mb"] + (plan["baseline_mb"] if python_fork else 0)
+        resource.setrlimit(resource.RLIMIT_AS, (memory * mb, memory * mb))
     if limits["cpu_s"]:
         cpu = max(1, int(limits["cpu_s"] + 0.999))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -224,11 +238,25 @@ def _threads_of_uid(uid: int) -> int:
     return count
 
 
-def _fail_setup(status_fd: int, exc: BaseException) -> None:
+def _fail_setup(sock: socket.socket, exc: BaseException) -> None:
+    """Tell T why the job could not be set up (the sandbox's failure, never the job's), then exit."""
     try:
-        runner.mux_write(status_fd, runner.MUX_STATUS, f"setup {type(exc).__name__}: {exc}\n".encode()[:4000])
+        sock.send(json.dumps({"setup_error": f"{type(exc).__name__}: {exc}"[:4000]}).encode())
     finally:
         os._exit(EXIT_SETUP)
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def _become_nobody(plan: dict) -> None:
+    """Fallback modes as root: the job runs as nobody, never as uid 0 (namespace mode maps it)."""
+    if os.geteuid() == 0 and plan["uidmode"] == "nobody":
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
 
 
 def _recv_job(sock: socket.socket) -> tuple[dict, dict]:
@@ -242,10 +270,14 @@ def _recv_job(sock: socket.socket) -> tuple[dict, dict]:
     return spec, named
 
 
-def child_main(sock: socket.socket, plan: dict) -> None:
-    """J's whole life. Namespace mode: stage the root, fork the job K, then be its PID 1 (reap,
-    kill the rest when K ends, report). Fallback modes: J is the job itself. Never returns."""
+def child_main(sock: socket.socket, plan: dict, group=None) -> None:
+    """J's whole life. Namespace mode: join the job's cgroups (group: a cgroups.JobGroup, as root),
+    stage the root, fork the job K, then be its PID 1 (reap, kill the rest when K ends, report).
+    Fallback modes: J is the job itself. Never returns."""
     try:
+        if group is not None:
+            group.join()
+            group.close()
         if plan["mode"] == "namespaces":
             stage_root(plan)
     except BaseException as e:  # noqa: BLE001 - report the reason to the supervisor, then die
@@ -304,8 +336,7 @@ def job_main(sock: socket.socket, plan: dict) -> None:
         os.dup2(fds["stderr"], 2)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
-        sock.close()
-        keep = {0, 1, 2, status_fd} | ({fds["ws"]} if "ws" in fds else set()) | {
+        keep = {0, 1, 2, status_fd, sock.fileno()} | ({fds["ws"]} if "ws" in fds else set()) | {
             fd for fd in fds["readonly"] if fd >= 0}
         for fd in sorted(set(int(f) for f in os.listdir("/proc/self/fd")) - keep):
             try:
@@ -321,13 +352,15 @@ def job_main(sock: socket.socket, plan: dict) -> None:
         if plan["mode"] == "namespaces":
             ss.drop_all_caps()
         else:
+            _become_nobody(plan)
             if plan["mode"] == "landlock":
                 landlock_job(spec, plan)
-            if os.geteuid() == 0:  # no user namespace to make root harmless: keep uid 0, lose its powers
-                ss.drop_all_caps()
         ss.set_pdeathsig(signal.SIGKILL)  # a uid switch clears it; the parent's death ends us
+        # The last word T takes from this process: from here on it runs the job's code.
+        sock.send(json.dumps({"started": _rss_kb()}).encode())
+        sock.close()
     except BaseException as e:  # noqa: BLE001
-        _fail_setup(status_fd, e)
+        _fail_setup(sock, e)
     if py is None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # exec'd programs expect default dispositions
         try:
@@ -337,5 +370,5 @@ def job_main(sock: socket.socket, plan: dict) -> None:
             os._exit(127)
     kind, target, argv = py
     runner.reset_interpreter(spec, plan, argv, kind, target, status_fd)
-    code = runner.run_python(kind, target, status_fd)
-    runner.finish_python(code, status_fd)
+    code = runner.run_python(kind, target)
+    runner.finish_python(code)

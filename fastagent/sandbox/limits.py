@@ -1,4 +1,4 @@
-"""What a sandbox job may use and what it gives back: Limits (per-job caps) and Result.
+"""What a sandbox job may use and what it gives back: Limits (per-job caps), Result, SandboxError.
 
 Plain dataclasses shared by the pool (fastagent/sandbox/__init__.py, pool.py) and its callers;
 importing this module starts nothing.
@@ -9,7 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# ok: exit 0. error: anything the job did to itself (exit code, exception, own signal, crash, file
+# too large, MemoryError without a measured memory exhaustion). timeout: the supervisor's own
+# wall-clock kill, or a CPU-limit kill with the tree's measured CPU >= Limits.cpu_s. oom: the
+# kernel OOM-killed a process of the job's memory cgroup (as root with cgroup v1), or, without
+# cgroups, the job failed after its measured memory grew to >= 80% of Limits.memory_mb. killed:
+# the trusted side ended the job for reasons not the job's (pool shut down, supervisor died).
 CAUSES = ("ok", "error", "timeout", "oom", "killed")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not run the job (workspace vanished, a mount or cgroup failed, no usable
+    isolation): raised to the caller through the job's Future; never a Result billed to the job."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,8 @@ class Result:
     wall_s: float
     cpu_s: float  # user + system, the job and the children it waited for
     peak_rss_mb: float  # largest resident set of one process (includes pages shared with the zygote)
-    stdout_path: Path
-    stderr_path: Path
+    stdout_path: Path | None  # the job's stdout file, capped at file_mb: only with Pool(keep_logs=True)
+    stderr_path: Path | None  # (the caller removes kept files; the pool's own log_dir goes at shutdown)
     output: str  # head + tail of stdout and stderr merged in order, with a note of what was cut
     truncated_bytes: int  # bytes left out of `output`
     note: str = ""  # why, in words, when cause is not ok

@@ -3,9 +3,9 @@
 It starts the zygote (a fresh interpreter: never a fork of the caller, which may hold threads),
 receives ready standby supervisors from it (their sockets, passed with SCM_RIGHTS), sends each
 queued job straight to one (the zygote is not on a job's path), turns the supervisors' reports
-into Results, reports a supervisor that died as `killed`, and replaces a zygote that died.
-When the pool runs as root, it also makes the idmapped workspace mount that lets a job running as
-nobody write its workspace. Not a public API.
+into Results (or, for a job the sandbox could not set up, a SandboxError on its Future), reports a
+supervisor that died as `killed`, and replaces a zygote that died. The only messages it believes
+come from the zygote and the supervisors, never from a job. Not a public API.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import weakref
 from collections import deque
 from pathlib import Path
 
-from fastagent.sandbox import syscalls as ss
-from fastagent.sandbox.limits import Result
+from fastagent.sandbox import cgroups
+from fastagent.sandbox.limits import Result, SandboxError
 
 
 def _tail(path: Path, n: int = 800) -> str:
@@ -44,9 +44,11 @@ def _kill_zygote(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _finalize(proc: subprocess.Popen, log_dir: Path | None) -> None:
+def _finalize(proc: subprocess.Popen, log_dir: Path | None, cgroup_dirs: list[dict]) -> None:
     """Last resort for a Pool that was never shut down (runs at interpreter exit)."""
     _kill_zygote(proc)
+    for dirs in cgroup_dirs:
+        cgroups.remove_pool_groups(dirs)
     if log_dir is not None:
         shutil.rmtree(log_dir, ignore_errors=True)
 
@@ -56,9 +58,9 @@ class Loop:
         self.pool = pool
         self.sel = selectors.DefaultSelector()
         self.busy: dict[int, tuple[socket.socket, object, dict]] = {}  # fd -> (sock, future, spec)
-        self.idle: dict[str, deque] = {"nobody": deque(), "root": deque(), "user": deque()}
-        self.needed: set[str] = set()
-        self.idmap_fd, self.uidmode, self.exit_sent = -1, "user", False
+        self.idle: dict[str, deque] = {"nobody": deque(), "user": deque()}
+        self.uidmode, self.exit_sent = "user", False
+        self.cgroup_dirs: list[dict] = []  # every zygote's pool groups, removed at clean-up
         self.sel.register(pool._wake_r, selectors.EVENT_READ, ("wake", None))
 
     # ------------------------------------------------------------------ zygote
@@ -80,7 +82,8 @@ class Loop:
         self.sel.register(self.ctrl, selectors.EVENT_READ, ("ctrl", None))
         self.sel.register(self.pidfd, selectors.EVENT_READ, ("zexit", None))
         self.finalizer = weakref.finalize(self.pool, _finalize, self.proc,
-                                          self.pool.log_dir if self.pool._own_log_dir else None)
+                                          self.pool.log_dir if self.pool._own_log_dir else None,
+                                          self.cgroup_dirs)
 
     def to_zygote(self, msg: dict) -> None:
         try:
@@ -102,9 +105,9 @@ class Loop:
             self.idle[op["uidmode"]].append(sock)
             self.sel.register(sock, selectors.EVENT_READ, ("standby", sock))
         elif op["op"] == "ready":
-            if fds:
-                self.idmap_fd = fds[0]
             self.uidmode = op["uidmode"]
+            if op["isolation"]["cgroup_dirs"]:
+                self.cgroup_dirs.append(op["isolation"]["cgroup_dirs"])
             self.pool._info = op["isolation"]
             self.pool._ready.set()
         elif op["op"] == "fatal":
@@ -117,9 +120,8 @@ class Loop:
             pending, pool._pending = list(pool._pending), deque()
             pool._lock.notify_all()
         for fut, spec in pending:
-            self._close_fds(spec)
             if fut.set_running_or_notify_cancel():
-                fut.set_exception(RuntimeError(error))
+                fut.set_exception(SandboxError(error))
         self.fail_busy(error)
 
     def fail_busy(self, note: str) -> None:
@@ -149,30 +151,6 @@ class Loop:
         return False
 
     # ------------------------------------------------------------------ jobs
-    def workspace_fds(self, spec: dict) -> tuple[str, list[int]]:
-        """(uid mode, fds) for a job. As root, the workspace becomes an idmapped mount so that the
-        job (nobody) can write it; a filesystem that cannot idmap gets a uid-0 standby instead."""
-        if self.uidmode != "nobody":
-            return self.uidmode, []
-        if "_uidmode" not in spec:
-            fd = -1
-            try:
-                fd = ss.open_tree(spec["workspace"])
-                ss.mount_setattr(fd, ss.ATTR_IDMAP | ss.ATTR_NOSUID | ss.ATTR_NODEV, userns_fd=self.idmap_fd)
-                spec["_uidmode"], spec["_fds"] = "nobody", [fd]
-            except OSError as e:
-                if fd >= 0:
-                    os.close(fd)
-                print(f"fastagent.sandbox: cannot idmap {spec['workspace']} ({e}); the job runs as "
-                      "uid 0 without capabilities", file=sys.stderr)
-                spec["_uidmode"], spec["_fds"] = "root", []
-        return spec["_uidmode"], spec["_fds"]
-
-    @staticmethod
-    def _close_fds(spec: dict) -> None:
-        for fd in spec.pop("_fds", []):
-            os.close(fd)
-
     def _drop(self, sock: socket.socket) -> None:
         self.sel.unregister(sock)
         sock.close()
@@ -184,27 +162,20 @@ class Loop:
                 if not pool._pending:
                     return
                 fut, spec = pool._pending[0]
-                uidmode, fds = self.workspace_fds(spec)
+                uidmode = self.uidmode
                 if not self.idle[uidmode]:
-                    if uidmode != self.uidmode and uidmode not in self.needed:
-                        self.needed.add(uidmode)
-                        self.to_zygote({"op": "need", "uidmode": uidmode})
                     return
                 pool._pending.popleft()
                 pool._lock.notify_all()
             if not fut.set_running_or_notify_cancel():
-                self._close_fds(spec)
                 continue
             sock = self.idle[uidmode].popleft()
-            self.needed.discard(uidmode)
-            payload = {k: v for k, v in spec.items() if not k.startswith("_")}
             try:
-                socket.send_fds(sock, [json.dumps(payload).encode()], fds)
+                sock.send(json.dumps(spec).encode())
                 self.busy[sock.fileno()] = (sock, fut, spec)
             except OSError:
                 self._drop(sock)
                 fut.set_result(_killed("the job's supervisor died before the job started", spec))
-            self._close_fds(spec)
             self.to_zygote({"op": "took", "uidmode": uidmode})
 
     def on_standby(self, sock: socket.socket) -> None:
@@ -225,8 +196,12 @@ class Loop:
             fut.set_result(_killed("the job's supervisor died (its zygote was killed or crashed)", spec))
             return
         msg = json.loads(data)
+        if msg["op"] == "setup_error":  # the sandbox failed, not the job: never a Result to bill
+            fut.set_exception(SandboxError(msg["error"]))
+            return
         fields = {k: msg[k] for k in Result.__dataclass_fields__}
-        fields["stdout_path"], fields["stderr_path"] = Path(msg["stdout_path"]), Path(msg["stderr_path"])
+        for name in ("stdout_path", "stderr_path"):
+            fields[name] = None if msg[name] is None else Path(msg[name])
         fut.set_result(Result(**fields))
 
     # ------------------------------------------------------------------ the loop
@@ -261,13 +236,14 @@ class Loop:
         for sock in [s for s, _, _ in self.busy.values()] + [s for q in self.idle.values() for s in q]:
             sock.close()
         self.busy.clear()
-        if self.idmap_fd >= 0:
-            os.close(self.idmap_fd)
+        for dirs in self.cgroup_dirs:  # the zygote removes them itself unless it was killed
+            cgroups.remove_pool_groups(dirs)
         self.sel.close()
         if remove_log_dir:
             shutil.rmtree(self.pool.log_dir, ignore_errors=True)
 
 
 def _killed(note: str, spec: dict) -> "Result":
-    return Result("killed", None, None, 0.0, 0.0, 0.0, Path(spec["stdout_path"]),
-                          Path(spec["stderr_path"]), f"[sandbox] killed: {note}\n", 0, note)
+    """A job the trusted side ended for reasons not the job's (pool shut down, supervisor died)."""
+    paths = [None if spec[k] is None else Path(spec[k]) for k in ("stdout_path", "stderr_path")]
+    return Result("killed", None, None, 0.0, 0.0, 0.0, *paths, f"[sandbox] killed: {note}\n", 0, note)

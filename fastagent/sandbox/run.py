@@ -5,7 +5,8 @@ fresh stdio, default signal handlers, numpy reseeded from the OS, the traceback 
 (without the runner's frames) and the same exit codes; at the end non-daemon threads are joined and
 the job's own atexit hooks and finalizers run. sys.stdout and sys.stderr write framed records into
 one "mux" pipe, so the supervisor can merge them in exact order and still keep them apart (see
-mux_write). Used by fastagent/sandbox/child.py inside the sandbox; not a public API.
+mux_write). The job can write anything into that pipe: the supervisor takes it as output only
+(never as status) and stops unframing at the first malformed frame. Used by fastagent/sandbox/child.py inside the sandbox; not a public API.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import traceback
 import types
 import weakref
 
-# The mux pipe carries framed writes (tag, length, data) from the job's sys.stdout, sys.stderr and
-# status notes, so their relative order survives; raw writes to fds 1 and 2 (C code, subprocesses)
-# go through two plain pipes and are merged by arrival.
-MUX_STATUS, MUX_OUT, MUX_ERR = 0, 1, 2
+# The mux pipe carries framed writes (tag, length, data) from the job's sys.stdout and sys.stderr,
+# so their relative order survives; raw writes to fds 1 and 2 (C code, subprocesses) go through two
+# plain pipes and are merged by arrival. A frame never holds more than FRAME_DATA bytes.
+MUX_OUT, MUX_ERR = 1, 2
 FRAME = struct.Struct("!BI")
 FRAME_DATA = 4096 - FRAME.size  # a frame fits in PIPE_BUF, so each write is atomic
 _CHILD_FILE = os.path.join(os.path.dirname(__file__), "child.py")
@@ -124,13 +125,6 @@ def _print_exception(exc: BaseException) -> None:
     traceback.print_exception(type(exc), exc, tb)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
-
-
 def _run_script(path: str) -> None:
     """Run a file as `python path` does: a fresh __main__ module, sys.argv[0] left as given."""
     if not os.path.isfile(path):  # a directory or zip with __main__.py
@@ -145,7 +139,7 @@ def _run_script(path: str) -> None:
     exec(code, main.__dict__)
 
 
-def run_python(kind: str, target: str, status_fd: int) -> int:
+def run_python(kind: str, target: str) -> int:
     """Run the job's Python code as __main__; return the exit code `python` would have."""
     code = 0
     try:
@@ -169,21 +163,18 @@ def run_python(kind: str, target: str, status_fd: int) -> int:
             print(e.code, file=sys.stderr)
             code = 1
     except BaseException as e:  # noqa: BLE001 - anything the job raises ends it like `python` does
-        if _is_oom(e):
-            mux_write(status_fd, MUX_STATUS, b"oom\n")
         _print_exception(e)
         code = 1
     return code
 
 
-def finish_python(code: int, status_fd: int) -> None:
+def finish_python(code: int) -> None:
     """Interpreter shutdown as `python` does it: join threads, run atexit hooks, flush, exit."""
     try:
         threading._shutdown()
         atexit._run_exitfuncs()
-    except BaseException as e:  # noqa: BLE001
-        if _is_oom(e):
-            mux_write(status_fd, MUX_STATUS, b"oom\n")
+    except BaseException:  # noqa: BLE001 - a failing hook does not change the exit code
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

