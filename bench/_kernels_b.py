@@ -18,7 +18,8 @@ K3_mem_ratio  fused / eager intermediate memory over one fwd+bwd; target <= 0.33
 K3_saved_ratio the same comparison counted exactly: bytes of non-input tensors saved for backward
               (saved_tensors_hooks); a cross-check of K3_mem_ratio without allocator effects.
 Times are minima over repeats, variants interleaved so machine load hits both; --quick uses
-(B=16, T=256) for the times (memory is always measured at the full size). bench_gae_gpu / bench_ppo_gpu (Triton on CUDA) report time and achieved GB/s.
+(B=16, T=256) for the times (memory is always measured at the full size). bench_gae_gpu /
+bench_ppo_gpu (Triton on CUDA, `--gpu`) report kernel time and achieved GB/s.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def _device_ms(fn, device: str) -> float:
     if device == "cuda":
         import triton
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -209,9 +210,9 @@ def _peak_extra_bytes(fn, device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    rss0 = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
+    rss0 = _status_kb("VmRSS")  # read after the reset: VmHWM >= rss0
     fn()
     return (_status_kb("VmHWM") - rss0) * 1024
 
@@ -239,8 +240,8 @@ def bench_gae_gpu(shapes=GAE_SHAPES, peak_gbs: float = 4800.0, device: str = "cu
             out[f"{key}_speedup_vs_loop"] = round(ref_ms / op_ms, 1)
         ms = _device_ms(lambda: _gae_triton(*flat), device)
         gbs = B * T * (4 + 4 + 1 + 4 + 4) / (ms * 1e-3) / 1e9
-        out.update({f"{key}_us": round(ms * 1e3, 1), f"{key}_gbs": round(gbs, 3),
-                    f"{key}_hbm_frac": round(gbs / peak_gbs, 4)})
+        out.update({f"{key}_us": round(ms * 1e3, 1), f"{key}_gbs": float(f"{gbs:.4g}"),
+                    f"{key}_hbm_frac": float(f"{gbs / peak_gbs:.3g}")})
     return out
 
 
@@ -265,8 +266,8 @@ def bench_ppo_gpu(sizes=PPO_SIZES, dtype=torch.float32, peak_gbs: float = 4800.0
         fwd_ms = _device_ms(lambda: _ppo_fwd_triton(*flat, *consts), device)
         gbs = n * (4 * es + 2 * 4 + es) / (fwd_ms * 1e-3) / 1e9
         key = f"ppo_gpu_{n}"
-        out.update({f"{key}_fwd_us": round(fwd_ms * 1e3, 1), f"{key}_fwd_gbs": round(gbs, 3),
-                    f"{key}_fwd_hbm_frac": round(gbs / peak_gbs, 4)})
+        out.update({f"{key}_fwd_us": round(fwd_ms * 1e3, 1), f"{key}_fwd_gbs": float(f"{gbs:.4g}"),
+                    f"{key}_fwd_hbm_frac": float(f"{gbs / peak_gbs:.3g}")})
         times, peaks = {}, {}
         for t in (inputs[0], inputs[5]):
             t.requires_grad_()

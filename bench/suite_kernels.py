@@ -2,7 +2,7 @@
 
     python bench/throughput.py --suite kernels [--quick] [--threads 2]
     python bench/suite_kernels.py --gpu [--quick]      # CUDA: Qwen2.5-7B shapes (bench/gpu_check.sh)
-    python bench/suite_kernels.py --gpu --dry-run      # the same calls on CPU, tiny shapes, Triton interpreter
+    python bench/suite_kernels.py --gpu --dry-run      # same calls on CPU: tiny shapes, Triton interpreter
 
 K1 (DESIGN.md), at T=4096, H=576, V=49152, fp32, 2 torch threads (--quick: T=512, V=8192):
   K1_time_ratio      fused_linear_cross_entropy fwd+bwd time / naive fwd+bwd; target <= 1.0
@@ -200,9 +200,9 @@ def _peak_extra_bytes(fn, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     gc.collect()
-    rss0 = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
+    rss0 = _status_kb("VmRSS")  # read after the reset: VmHWM >= rss0
     fn()
     return (_status_kb("VmHWM") - rss0) * 1024
 
@@ -268,8 +268,8 @@ def _row_pass_gbs(c: int, v: int, dtype, device: str) -> dict:
     stats_ms = _device_ms(lambda: row_stats_(logits, labels, 0, v, 1.0, *state), device)
     grad_ms = _device_ms(lambda: row_grad_(work, labels, 0, lse, ent, dlogp, dent, 1.0), device)
     nbytes = c * v * logits.element_size()
-    return {f"row_stats_gbs_{name}": round(nbytes / stats_ms / 1e6, 3),
-            f"row_grad_gbs_{name}": round(2 * nbytes / grad_ms / 1e6, 3)}
+    return {f"row_stats_gbs_{name}": float(f"{nbytes / stats_ms / 1e6:.4g}"),  # 4 significant digits
+            f"row_grad_gbs_{name}": float(f"{2 * nbytes / grad_ms / 1e6:.4g}")}
 
 
 def _matmul_floor(hidden, weight):
