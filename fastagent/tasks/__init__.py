@@ -1,18 +1,22 @@
 """The offline ML task suite: one folder per task, plus a loader for competitions in MLE-bench layout.
 
 A task folder `fastagent/tasks/<name>/` holds `task.toml` (name, split, metric, direction,
-starter_score, reference_score, alpha, source, time_limit_s), `description.md` (what the agent reads),
-`prepare.py` (`prepare(workspace, answers, seed)`: data from a PyPI package, split with a fixed seed),
-`train.py` (the weak starter the agent improves), `evaluate.py` (`score(submission, answers)`) and
-`reference.py` (a known stronger solution, run by the tests). A new task is a new folder; folders
-listed in the environment variable FASTAGENT_TASK_DIRS (os.pathsep-separated parents) are found too.
+time_limit_s, source; starter_score, reference_score and alpha as measured by `check --write`;
+optional `hide`), `description.md` (what the agent reads), `prepare.py` (`prepare(workspace,
+answers, seed)`: data from a PyPI package, split with a fixed seed), `train.py` (the weak starter
+the agent improves), `evaluate.py` (`score(submission, answers)`) and `reference.py` (a known
+stronger solution, run by the tests). A new task is a new folder. Outside tasks are loaded the
+same way: get_task takes a folder path as well as a name, and the folders listed in the
+environment variable FASTAGENT_TASK_DIRS (os.pathsep-separated; each a parent of task folders or
+a task folder itself) join the suite. Two folders with the same task name are an error.
 
 Use:
-    from fastagent.tasks import list_tasks, get_task, materialize, score_submission
-    task = get_task("digits")
-    workspace, answers = materialize(task, Path("/tmp/fa-tasks"), seed=0)   # cached, read-only data
-    ... run workspace/train.py (it writes workspace/submission.csv) ...
-    print(score_submission(task, workspace, answers), task.direction)
+    from fastagent.tasks import list_tasks, get_task, materialize, score_submission, starter_score
+    task = get_task("digits")                       # or get_task("/path/to/my-task")
+    root = Path("/tmp/fa-tasks")                    # hide it from agent code: Pool(hide=[root, *hide_paths([task])])
+    workspace, answers = materialize(task, root, seed=0)   # cached, read-only data
+    ... run a copy of workspace/train.py (it writes submission.csv) ...
+    print(score_submission(task, copy_of_workspace, answers), task.direction)
     start = starter_score(task, root, seed, pool)   # the metric an episode starts from (cached)
 
     python -m fastagent.tasks list [--json] [--split train|heldout|all]
@@ -37,12 +41,11 @@ from types import ModuleType
 from typing import Any
 
 __all__ = ["Task", "list_tasks", "get_task", "materialize", "score_submission", "starter_score",
-           "load_mlebench"]
+           "hide_paths", "load_mlebench"]
 
 HERE = Path(__file__).resolve().parent
 SPLITS = ("train", "heldout")
-_REQUIRED = ("name", "split", "metric", "direction", "starter_score", "reference_score", "alpha",
-             "time_limit_s")
+_REQUIRED = ("name", "split", "metric", "direction", "time_limit_s")
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,14 @@ class Task:
     split: str  # train | heldout (mlebench for loaded competitions)
     metric: str  # accuracy, rmse, log_loss, auc, qwk, ... (see _grading.py)
     direction: str  # max | min: which way is better
-    starter_score: float  # the starter train.py's test score on the seed-0 data
-    reference_score: float  # reference.py's test score on the seed-0 data
-    alpha: float  # reward scale in sigmoid(alpha * sign * (m' - m))
+    starter_score: float  # the starter train.py's test score on the seed-0 data (NaN: not measured)
+    reference_score: float  # reference.py's test score on the seed-0 data (NaN: not measured)
+    alpha: float  # reward scale in sigmoid(alpha * sign * (m' - m)) (1 until measured)
     time_limit_s: float  # wall-clock budget for one run of a training script
     dir: Path  # the task folder
     description: str  # description.md: what the agent reads
     median_score: float = math.nan  # MLE-bench: the leaderboard's median team (for evaluation only)
+    hide: tuple[Path, ...] = ()  # task.toml `hide`: more paths agent code must not read (absolute)
 
     @property
     def sign(self) -> int:
@@ -65,50 +69,112 @@ class Task:
         return 1 if self.direction == "max" else -1
 
 
-def _task_dirs() -> list[Path]:
-    parents = [HERE] + [Path(p) for p in os.environ.get("FASTAGENT_TASK_DIRS", "").split(os.pathsep) if p]
-    return sorted((d for p in parents if p.is_dir() for d in p.iterdir() if (d / "task.toml").is_file()),
-                  key=lambda d: d.name)
+def _task_dirs() -> dict[str, Path]:
+    """Task folders by name: the bundled ones, then FASTAGENT_TASK_DIRS' (parents of task folders,
+    or task folders). A name that two folders define is an error: caches are keyed by name."""
+    entries = [Path(p).expanduser() for p in os.environ.get("FASTAGENT_TASK_DIRS", "").split(os.pathsep) if p]
+    for e in entries:
+        if not e.is_dir():
+            raise ValueError(f"FASTAGENT_TASK_DIRS names {e}, which is not a folder")
+    out: dict[str, Path] = {}
+    for parent in [HERE, *entries]:
+        children = [parent] if (parent / "task.toml").is_file() else sorted(parent.iterdir())
+        for d in (c.resolve() for c in children if (c / "task.toml").is_file()):
+            _claim(out, d)
+    return dict(sorted(out.items()))
+
+
+def _claim(names: dict[str, Path], folder: Path) -> None:
+    other = names.setdefault(folder.name, folder)
+    if other != folder:
+        what = "a bundled task" if other.parent == HERE else "another task"
+        raise ValueError(f"task name {folder.name!r} of {folder} collides with {what} at {other}: "
+                         f"rename the folder and its task.toml name")
+
+
+def _hide_path(entry: object, toml: Path) -> Path | None:
+    """One task.toml `hide` entry as an absolute path; None for a package that is not installed."""
+    if isinstance(entry, str) and entry.startswith("/"):
+        return Path(entry).resolve()
+    package, sep, rel = entry.partition(":") if isinstance(entry, str) else ("", "", "")
+    if not (sep and package.isidentifier() and rel and not rel.startswith("/")):
+        raise ValueError(f"{toml}: hide entry {entry!r} must be an absolute path or 'package:relpath'")
+    spec = importlib.util.find_spec(package)  # top-level name: finds it without importing it
+    if spec is None:
+        return None  # not installed: nothing of it to hide
+    base = Path(list(spec.submodule_search_locations)[0]) if spec.submodule_search_locations else Path(spec.origin).parent
+    return (base / rel).resolve()
+
+
+def _number(meta: dict, key: str, default: float, toml: Path) -> float:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{toml}: {key} must be a number, got {value!r}")
+    return float(value)
 
 
 def _load_task(folder: Path) -> Task:
-    meta = tomllib.loads((folder / "task.toml").read_text())
+    toml = folder / "task.toml"
+    try:
+        meta = tomllib.loads(toml.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{toml} is not valid TOML: {e}") from None
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
-        raise ValueError(f"{folder / 'task.toml'} lacks {', '.join(missing)}: see the README's Task format")
+        raise ValueError(f"{toml} lacks {', '.join(missing)}: see the README's Task format")
     if meta["split"] not in SPLITS or meta["direction"] not in ("max", "min"):
-        raise ValueError(f"{folder / 'task.toml'}: split must be train|heldout and direction max|min, "
+        raise ValueError(f"{toml}: split must be train|heldout and direction max|min, "
                          f"got {meta['split']!r} and {meta['direction']!r}")
     if meta["name"] != folder.name:
-        raise ValueError(f"{folder / 'task.toml'}: name {meta['name']!r} must equal the folder name")
+        raise ValueError(f"{toml}: name {meta['name']!r} must equal the folder name")
     for f in ("description.md", "prepare.py", "train.py", "evaluate.py"):
         if not (folder / f).is_file():
             raise ValueError(f"task folder {folder} lacks {f}: see the README's Task format")
-    return Task(name=meta["name"], split=meta["split"], metric=meta["metric"],
-                direction=meta["direction"], starter_score=float(meta["starter_score"]),
-                reference_score=float(meta["reference_score"]), alpha=float(meta["alpha"]),
-                time_limit_s=float(meta["time_limit_s"]), dir=folder,
-                description=(folder / "description.md").read_text())
+    hide = meta.get("hide", [])
+    if not isinstance(hide, list):
+        raise ValueError(f"{toml}: hide must be a list of paths, got {hide!r}")
+    return Task(name=meta["name"], split=meta["split"], metric=str(meta["metric"]),
+                direction=meta["direction"], starter_score=_number(meta, "starter_score", math.nan, toml),
+                reference_score=_number(meta, "reference_score", math.nan, toml),
+                alpha=_number(meta, "alpha", 1.0, toml), time_limit_s=_number(meta, "time_limit_s", 0, toml),
+                dir=folder, description=(folder / "description.md").read_text(),
+                hide=tuple(p for p in (_hide_path(e, toml) for e in hide) if p is not None))
 
 
 def list_tasks(split: str = "all") -> list[Task]:
-    """Tasks of a split ("train" | "heldout" | "all") or a comma-separated list of task names."""
-    tasks = [_load_task(d) for d in _task_dirs()]
-    if split == "all":
-        return tasks
-    if split in SPLITS:
-        return [t for t in tasks if t.split == split]
+    """Tasks of a split ("train" | "heldout" | "all") or a comma-separated list of task names
+    and task folder paths."""
+    if split == "all" or split in SPLITS:
+        tasks = [_load_task(d) for d in _task_dirs().values()]
+        return [t for t in tasks if split in ("all", t.split)]
     return [get_task(name.strip()) for name in split.split(",") if name.strip()]
 
 
-def get_task(name: str) -> Task:
-    """The task called `name`; ValueError naming the closest task on a typo."""
-    dirs = {d.name: d for d in _task_dirs()}
-    if name not in dirs:
-        close = difflib.get_close_matches(name, list(dirs), n=1, cutoff=0.0)
+def get_task(name: str | Path) -> Task:
+    """The task called `name`, or the task folder at path `name` (a Path, or text with a '/' or a
+    leading '.' or '~'); ValueError naming the closest task on a typo, or the collision when the
+    folder's task name is already taken by another folder."""
+    dirs = _task_dirs()
+    text = str(name)
+    is_path = isinstance(name, Path) or "/" in text or text.startswith((".", "~")) or (
+        text not in dirs and (Path(text) / "task.toml").is_file())
+    if is_path:
+        folder = Path(text).expanduser().resolve()
+        if not (folder / "task.toml").is_file():
+            raise ValueError(f"{folder} is not a task folder: it has no task.toml")
+        _claim(dirs, folder)
+        return _load_task(folder)
+    if text not in dirs:
+        close = difflib.get_close_matches(text, list(dirs), n=1, cutoff=0.0)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown task '{name}'{hint} (python -m fastagent.tasks list shows all)")
-    return _load_task(dirs[name])
+        raise ValueError(f"unknown task '{text}'{hint} (python -m fastagent.tasks list shows all)")
+    return _load_task(dirs[text])
+
+
+def hide_paths(tasks: list[Task]) -> list[Path]:
+    """Every path the tasks' task.toml `hide` lists, deduplicated: pass them to the sandbox pool's
+    hide= along with the task cache root."""
+    return sorted({p for t in tasks for p in t.hide})
 
 
 _modules: dict[Path, ModuleType] = {}

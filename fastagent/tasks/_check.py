@@ -9,10 +9,17 @@ Scripts run through a fastagent.sandbox Pool when one is passed (open_pool gives
 cache with its answers and the packaged raw datasets hidden, limits applied), else in a plain
 subprocess with the workspace as cwd and one BLAS/OpenMP thread (trusted scripts only).
 Scripts are seeded, so their scores are deterministic.
+
+Before running anything, lint(task) lists what is wrong in the folder itself (a script without a
+module docstring, an unknown metric, a direction that contradicts the metric); after the runs,
+compare(...) lists what is wrong with the scores (the reference does not beat the starter,
+task.toml's scores or alpha differ from the measured ones). Each problem names the file and field.
 """
 
 from __future__ import annotations
 
+import ast
+import math
 import os
 import re
 import shutil
@@ -25,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import Task, materialize, score_submission
+from ._grading import DIRECTIONS, metric_direction
 from ._prepare import package_data_paths
 
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -91,6 +99,63 @@ def check_task(task: Task, cache: Path, seed: int = 0, scripts: tuple[str, ...] 
     return runs
 
 
+SCRIPTS = ("train.py", "reference.py", "prepare.py", "evaluate.py")
+
+
+def lint(task: Task) -> list[str]:
+    """Problems visible without running anything, each naming the file and field."""
+    out = []
+    for name in SCRIPTS:
+        path = task.dir / name
+        if not path.is_file():
+            out.append(f"{path}: missing (every task has {', '.join(SCRIPTS)})")
+            continue
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(), filename=str(path)))
+        except SyntaxError as e:
+            out.append(f"{path}: line {e.lineno}: {e.msg}")
+            continue
+        if not doc:
+            out.append(f"{path}: no module docstring (say what the script does and how to run it)")
+    toml = task.dir / "task.toml"
+    want = metric_direction(task.metric)
+    if want is None:
+        out.append(f"{toml}: metric {task.metric!r} is not a known metric (known: {', '.join(DIRECTIONS)})")
+    elif task.direction != want:
+        better = "higher" if want == "max" else "lower"
+        out.append(f"{toml}: direction {task.direction!r} contradicts metric {task.metric!r} "
+                   f"({better} is better: direction = {want!r})")
+    return out
+
+
+def tolerance(task: Task, starter: float, reference: float) -> float:
+    """How far a re-measured score may drift from task.toml's (other library versions)."""
+    return max(1e-4, 0.05 * abs(reference - starter))
+
+
+def compare(task: Task, starter: float, reference: float, listed: bool = True) -> list[str]:
+    """Problems with measured scores: the reference must beat the starter; with listed=True,
+    task.toml's starter_score, reference_score and alpha must match the measurement."""
+    toml = task.dir / "task.toml"
+    if task.sign * (reference - starter) <= 0:
+        return [f"{task.dir / 'reference.py'}: reference_score {reference:.6g} does not beat starter_score "
+                f"{starter:.6g} ({task.metric}, direction {task.direction})"]
+    if not listed:
+        return []
+    out, tol = [], tolerance(task, starter, reference)
+    for key, measured in (("starter_score", starter), ("reference_score", reference)):
+        value = getattr(task, key)
+        if math.isnan(value):
+            out.append(f"{toml}: {key} is missing (measured {measured:.6g}): run check --write")
+        elif abs(value - measured) > tol:
+            out.append(f"{toml}: {key} = {value:.6g} but measured {measured:.6g} (tolerance {tol:.2g}): "
+                       f"run check --write if the change is intended")
+    want = alpha_for(task.starter_score, task.reference_score)
+    if not out and abs(task.alpha - want) > 0.01 * want:
+        out.append(f"{toml}: alpha = {task.alpha:.6g} but 4 / |reference_score - starter_score| = {want:.6g}")
+    return out
+
+
 def alpha_for(starter: float, reference: float) -> float:
     """Reward scale: a move from the starter to the reference gives sigmoid(4) ~ 0.98."""
     gap = abs(reference - starter)
@@ -98,13 +163,19 @@ def alpha_for(starter: float, reference: float) -> float:
 
 
 def write_scores(task: Task, starter: float, reference: float) -> None:
-    """Rewrite starter_score, reference_score and alpha in the task's task.toml."""
+    """Rewrite starter_score, reference_score and alpha in the task's task.toml; a missing line is
+    added after the one before it (direction, starter_score, reference_score)."""
     path = task.dir / "task.toml"
     text = path.read_text()
+    after = "direction"
     for key, value in (("starter_score", starter), ("reference_score", reference),
                        ("alpha", alpha_for(starter, reference))):
         # Keep a trailing comment on the line, replace only the value.
         text, n = re.subn(rf"(?m)^{key}\s*=[^#\n]*?(\s*#.*)?$", lambda m: f"{key} = {value:.6g}" + (m[1] or ""), text)
+        if n == 0:
+            note = "  # 4 / |reference - starter|: the starter-to-reference move earns sigmoid(4) ~ 0.98" * (key == "alpha")
+            text, n = re.subn(rf"(?m)^({after}\s*=.*)$", lambda m: f"{m[1]}\n{key} = {value:.6g}{note}", text, count=1)
         if n != 1:
             raise ValueError(f"{path}: expected exactly one '{key} =' line")
+        after = key
     path.write_text(text)

@@ -13,6 +13,7 @@ raises ValueError saying what is wrong and what to write instead, so an agent ca
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -137,6 +138,17 @@ def pearson(y: np.ndarray, p: np.ndarray) -> float:
 NUMERIC: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "rmse": rmse, "mae": mae, "rmsle": rmsle, "qwk": qwk, "pearson": pearson}
 
+# Every metric score_csv knows, with the direction that is better ("map@K" stands for map@1, map@3, ...).
+DIRECTIONS = {"accuracy": "max", "macro_f1": "max", "auc": "max", "qwk": "max", "pearson": "max",
+              "map@K": "max", "log_loss": "min", "rmse": "min", "mae": "min", "rmsle": "min"}
+
+
+def metric_direction(metric: str) -> str | None:
+    """"max" or "min" for a metric score_csv knows, None for any other name."""
+    if re.fullmatch(r"map@[1-9][0-9]*", metric):
+        return "max"
+    return DIRECTIONS.get(metric) if metric != "map@K" else None
+
 
 def score_csv(submission: Path, answers_csv: Path, metric: str, columns: list[str],
               classes: list[str] | None = None) -> float:
@@ -164,8 +176,7 @@ def score_csv(submission: Path, answers_csv: Path, metric: str, columns: list[st
         return map_at_k(ans[columns[0]].astype(str).tolist(), sub[columns[0]].astype(str).tolist(),
                         int(metric[4:]))
     if metric not in NUMERIC:
-        raise ValueError(f"unknown metric {metric!r}; known: accuracy, macro_f1, log_loss, auc, "
-                         f"map@K, {', '.join(NUMERIC)}")
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(DIRECTIONS)}")
     sub = numeric(read_submission(submission, ans.index, columns))
     return NUMERIC[metric](ans[columns].to_numpy(dtype=np.float64), sub)
 
