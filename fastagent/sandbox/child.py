@@ -331,6 +331,7 @@ def job_main(sock: socket.socket, plan: dict) -> None:
     spec, fds = _recv_job(sock)
     status_fd = fds["mux"]
     try:
+        rss = _rss_kb()  # the job's baseline memory (before confinement may hide /proc/self)
         os.set_inheritable(status_fd, False)  # exec'd programs write fds 1 and 2 only
         os.dup2(fds["stdout"], 1)
         os.dup2(fds["stderr"], 2)
@@ -357,7 +358,7 @@ def job_main(sock: socket.socket, plan: dict) -> None:
                 landlock_job(spec, plan)
         ss.set_pdeathsig(signal.SIGKILL)  # a uid switch clears it; the parent's death ends us
         # The last word T takes from this process: from here on it runs the job's code.
-        sock.send(json.dumps({"started": _rss_kb()}).encode())
+        sock.send(json.dumps({"started": rss}).encode())
         sock.close()
     except BaseException as e:  # noqa: BLE001
         _fail_setup(sock, e)

@@ -21,8 +21,9 @@ import sys
 
 # Code and libraries: Python sources and bytecode, stubs, extension modules and shared libraries
 # (also versioned: libfoo.so.1.2), path files; C/C++ headers because torch.utils.cpp_extension,
-# torch.compile (inductor's C++ backend) and triton compile against the ones their packages ship.
-ALLOWED_SUFFIXES = (".py", ".pyc", ".pyi", ".so", ".pyd", ".pth", ".h", ".hpp", ".cuh")
+# torch.compile (inductor's C++ backend) and triton compile against the ones their packages ship;
+# style sheets and scripts of HTML reprs (sktime reads its .css at import, sklearn at repr time).
+ALLOWED_SUFFIXES = (".py", ".pyc", ".pyi", ".so", ".pyd", ".pth", ".h", ".hpp", ".cuh", ".css", ".js")
 ALLOWED_NAMES = ("py.typed",)
 # What importlib.metadata (entry points, versions, requirements) and pip read in *.dist-info and
 # *.egg-info folders; license texts and anything else there stay hidden.
@@ -37,6 +38,10 @@ RUNTIME_DATA = {
     "dateutil/zoneinfo": "dateutil.tz's bundled time-zone database",
     "pandas/io/formats/templates": "the templates of DataFrame.style.to_html / to_latex",
     "scipy/stats/_sobol_direction_numbers.npz": "scipy.stats.qmc.Sobol's direction numbers",
+    # vega_datasets reads its dataset index (names, file names, descriptions: no rows) at import.
+    "vega_datasets/datasets.json": "vega_datasets' index, read at import",
+    "vega_datasets/dataset_info.json": "vega_datasets' descriptions, read at import",
+    "vega_datasets/local_datasets.json": "vega_datasets' local file map, read at import",
 }
 NOT_RUNTIME_DATA = ("matplotlib/mpl-data/sample_data",)  # example datasets inside mpl-data
 

@@ -101,6 +101,25 @@ def build_plan(cfg: dict) -> dict:
             "landlock_abi": ss.landlock_abi(), "seccomp": True}
 
 
+def _nobody_can_run_python() -> str:
+    """Fallback modes as root run the job as nobody on the host's own filesystem: "" when nobody can
+    reach this Python (interpreter and standard library), else why not (e.g. it lives under /root)."""
+    paths = [os.path.realpath(sys.executable), os.path.dirname(os.__file__)]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            os.listdir(paths[1])
+            os._exit(0 if os.access(paths[0], os.X_OK) else 1)
+        finally:
+            os._exit(1)
+    ok = os.waitpid(pid, 0)[1] == 0
+    return "" if ok else (f"nobody ({NOBODY}) cannot reach this Python ({paths[0]}, {paths[1]}): "
+                          "a fallback mode would have to run the job as uid 0")
+
+
 def _write_maps(pid: int, uid_map: str, gid_map: str) -> None:
     with open(f"/proc/{pid}/setgroups", "w") as f:
         f.write("deny")
@@ -287,19 +306,22 @@ class Zygote:
             self.plan["cgroups"] = cgroups.make_pool_groups(self.probe_log)
         if want in ("auto", "namespaces") and self.probe():
             return
-        if want in ("auto", "landlock") and self.plan["landlock_abi"]:
+        why = _nobody_can_run_python() if uidmode == "nobody" else ""
+        if why:
+            self.probe_log.append(f"landlock/none: {why}")
+        elif want in ("auto", "landlock") and self.plan["landlock_abi"]:
             self.plan.update(mode="landlock")
             if self.probe():
                 return
-        if want == "none" or self.cfg["allow_unisolated"]:
+        if not why and (want == "none" or self.cfg["allow_unisolated"]):
             self.plan.update(mode="none", landlock_abi=0, seccomp=False)
             return
         advice = " (Pool(allow_unisolated=True) runs jobs with limits only)"
         if uidmode == "nobody":
-            advice = (" As root the sandbox runs every job as nobody (65534) inside a user namespace and"
-                      " never as uid 0: allow user namespaces (sysctl user.max_user_namespaces > 0,"
-                      " kernel.unprivileged_userns_clone=1, no seccomp profile blocking unshare) or run"
-                      " the pool as an unprivileged user." + advice)
+            advice = (" As root the sandbox runs every job as nobody (65534), never as uid 0: allow user"
+                      " namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1,"
+                      " no seccomp profile blocking unshare), install Python where nobody can read it"
+                      " (for the fallback modes), or run the pool as an unprivileged user." + advice)
         if self.plan["cgroups"]:
             cgroups.remove_pool_groups(self.plan["cgroups"])
         self.send({"op": "fatal", "error": "no isolation layer works on this machine: "
