@@ -22,11 +22,8 @@ from fastagent.sandbox import Pool
 from fastagent.tasks import get_task
 from _proc import _descendants
 
-EXECUTE = 'Action: Execute Script\nAction Input: {"script_name": "evil.py"}'
-
-
-def _edit(code: str) -> str:
-    args = {"script_name": "evil.py", "start_line_number": 1, "end_line_number": 0,
+def _edit(code: str, script: str) -> str:
+    args = {"script_name": script, "start_line_number": 1, "end_line_number": 0,
             "new_content": textwrap.dedent(code).strip() + "\n"}
     return "Action: Edit Script Segment\nAction Input: " + json.dumps(args)
 
@@ -42,11 +39,12 @@ def pool(root):
         yield p
 
 
-def _run(env: Env, code: str) -> tuple[str, dict]:
-    """Write evil.py in one turn, execute it in the next: (observation, info) of the run."""
-    _, _, _, info = env.step(_edit(code))
+def _run(env: Env, code: str, script: str = "evil.py") -> tuple[str, dict]:
+    """Write a new script in one turn, execute it in the next: (observation, info) of the run."""
+    _, _, _, info = env.step(_edit(code, script))
     assert info["reward"]["kind"] == "no_score", info["reward"]
-    obs, _, _, info = env.step(EXECUTE)
+    execute = "Action: Execute Script\nAction Input: " + json.dumps({"script_name": script})
+    obs, _, _, info = env.step(execute)
     return obs, info
 
 
@@ -75,7 +73,7 @@ def test_faked_corner_cases_are_invalid_actions(pool, root, name):
     _, info = _run(env, FAKES[name])
     assert info["run"]["cause"] == "error", info["run"]
     assert (info["reward"]["kind"], info["reward"]["value"]) == ("invalid_action", -1.0), info["reward"]
-    obs, info = _run(env, "print('still fine')")  # the next step still works
+    obs, info = _run(env, "print('still fine')", "next.py")  # the next step still works
     assert info["run"]["cause"] == "ok" and "still fine" in obs
     assert info["reward"]["kind"] == "no_score"
     ws = env.ws
@@ -148,15 +146,19 @@ def test_packaged_data_is_unreadable(pool, root):
 def test_nothing_is_left_after_close_and_shutdown(tmp_path):
     root = tmp_path / "env"
     pool = Pool(workers=2, hide=[root])
-    env = _episode(pool, root)
-    obs, info = _run(env, "print(open('data/train.csv').readline()[:2])\nopen('junk.bin', 'wb').write(b'0' * 4096)")
-    assert info["run"]["cause"] == "ok"
-    zygote, log_dir, groups = pool.zygote_pid, pool.log_dir, list(pool.isolation["cgroup_dirs"].values())
-    assert all(Path(g).is_dir() for g in groups) and len(groups) == (2 if os.geteuid() == 0 else 0)
-    assert sorted(p.name for p in log_dir.iterdir()) == ["zygote.log"]  # no per-job log files
-    env.close()
-    pool.shutdown()
+    try:
+        env = _episode(pool, root)
+        obs, info = _run(env, "import numpy as np\nprint(np.load('data/train.npz')['X'].shape[1])\n"
+                              "open('junk.bin', 'wb').write(b'0' * 4096)")
+        assert info["run"]["cause"] == "ok", obs
+        zygote, log_dir, groups = pool.zygote_pid, pool.log_dir, list(pool.isolation["cgroup_dirs"].values())
+        assert all(Path(g).is_dir() for g in groups) and len(groups) == (2 if os.geteuid() == 0 else 0)
+        assert sorted(p.name for p in log_dir.iterdir()) == ["zygote.log"]  # no per-job log files
+        tree = _descendants(zygote) | {zygote}  # zygote, supervisors, inits and jobs of standbys
+        env.close()
+    finally:
+        pool.shutdown()
     assert not any(Path(g).exists() for g in groups)
     assert not log_dir.exists() and not os.path.exists(f"/proc/{zygote}")
-    assert not _descendants(os.getpid()) - {os.getpid()}
+    assert not [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
     assert not any((root / "episodes").iterdir())
