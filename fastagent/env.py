@@ -18,6 +18,20 @@ evaluator on hidden answers (fastagent.tasks.score_submission) when the run succ
 the submission file; the reward comes from fastagent.reward. The hidden score is reported in
 `info`, not shown to the agent. After an action that may change files the workspace is
 snapshotted into the content-addressed store (fastagent.workspace), so any step can be restored.
+An episode starts from the starter's score on its own seed (fastagent.tasks.starter_score, measured
+once per (task, seed) and cached).
+
+Every byte, name and inode in a workspace is hostile (the agent's code made it). The trusted side
+touches workspace files only through fastagent.safefs: no symlink is followed, only regular files
+are read, every read is capped (Inspect Script Lines scans at most MAX_SCAN_BYTES, Understand File
+reads MAX_READ_CHARS worth, edits read at most MAX_EDIT_BYTES, Copy File streams sparse-aware up to
+MAX_COPY_BYTES). After every run the workspace is sanitized (links, fifos, sockets, devices
+removed; setuid bits stripped) and checked against safefs.Caps; a workspace beyond the caps is an
+invalid action and is put back as it was before the step. The submission is scored from a trusted
+copy (copy_out: a regular file of one link, at most MAX_SUBMISSION_BYTES) whose sha256 is the
+submission's identity; a link, fifo, hard link, directory or over-cap file is a malformed
+submission (invalid action). Observations are valid UTF-8 (names through safefs.safe_name, contents
+decoded with replacement), so data.TrajectoryWriter and chat.tokenize_chat take them as they are.
 
 Helper model (Edit Script (AI), Understand File): `helper=` a callable prompt -> text (e.g. the
 policy, passed in by the trainer), or an http(s) URL of an OpenAI-compatible endpoint. Without a
@@ -30,6 +44,8 @@ import dataclasses
 import difflib
 import json
 import os
+import stat
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -38,15 +54,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastagent.actions import ACTIONS, MAX_INSPECT_LINES, Parsed, ParseError, Turn, build_messages, parse_response
+from fastagent import safefs
 from fastagent.chat import scrub_text
 from fastagent.reward import RewardBreakdown, RewardConfig, run_kind, step_reward
+from fastagent.safefs import UnsafePath, safe_name
 from fastagent.sandbox import Limits
-from fastagent.tasks import materialize, score_submission
-from fastagent.workspace import Store, file_sha256, remove_workspace
+from fastagent.tasks import materialize, score_submission, starter_score
+from fastagent.workspace import Store, file_sha256
 
 SUBMISSION = "submission.csv"
 MAX_OBS_CHARS = 6000  # longest observation returned by one action (head and tail kept)
 MAX_READ_CHARS = 12000  # most of a file sent to the helper model by Understand File
+MAX_SCAN_BYTES = 1 << 20  # Inspect Script Lines reads at most this much of a file to find its lines
+MAX_EDIT_BYTES = 1 << 20  # largest file the edit actions (and Undo) read and rewrite
+MAX_COPY_BYTES = safefs.Caps().max_file_bytes  # largest file Copy File copies
+MAX_SUBMISSION_BYTES = 64 << 20  # largest submission.csv that is scored
+MAX_LIST_NAMES = 1000  # names shown by List Files (the rest are counted)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Helper = Callable[[str], str]
 _INITIAL: dict[tuple[str, str], str] = {}  # (store root, pristine workspace) -> its snapshot id
 
@@ -100,7 +124,7 @@ class StepError(RuntimeError):
 class EnvState:
     """Everything about an episode that is not in the workspace files; with `snapshot`, a full state."""
     snapshot: str  # workspace snapshot id in the store
-    metric: float  # m: the last score (the task's starter score until a run is scored)
+    metric: float  # m: the last score (the starter's score on this seed until a run is scored)
     best: float  # the best score so far in the episode
     submission_sha: str | None = None  # sha256 of the last scored submission file
     steps: int = 0  # agent turns taken
@@ -135,6 +159,7 @@ class _Pending:
     reason: str = ""
     changed: bool = False
     job: dict[str, Any] | None = None  # Execute Script: the pool.submit arguments (trusted side)
+    undo: dict[str, list[str | None]] = field(default_factory=dict)  # the undo stacks before the step
     future: Any = None  # concurrent.futures.Future of the script run
     script: str = ""
     timings: dict[str, float] = field(default_factory=dict)
@@ -145,6 +170,13 @@ def _cut(text: str, limit: int = MAX_OBS_CHARS) -> str:
         return text
     half = limit // 2
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular inode is, for an observation."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else
+            "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
 
 
 def _diff(old: str, new: str, name: str) -> str:
@@ -194,6 +226,9 @@ class Env:
             self.initial = _INITIAL[key] = self.store.snapshot(pristine)
         sub = pristine / SUBMISSION
         self._initial_sub = file_sha256(sub) if sub.is_file() else None
+        self.caps = safefs.Caps()  # bounds on the workspace after each step (beyond: invalid action)
+        # m at the start: the starter's score on this seed (measured once per (task, seed), cached)
+        self.start_metric = float(starter_score(task, self.root / "tasks", seed, pool))
         self.ws: Path | None = None
         self.st: EnvState | None = None
         self._failed = ""  # why the last step failed on the trusted side (then reset() is needed)
@@ -215,14 +250,14 @@ class Env:
         if state is not None:
             st = state.copy() if isinstance(state, EnvState) else EnvState.from_dict(state)
         else:
-            start = float(self.task.starter_score)
+            start = self.start_metric
             st = EnvState(snapshot=snapshot or self.initial, metric=start, best=start,
                           submission_sha=self._initial_sub)
         if not self.store.exists(st.snapshot):
             raise ValueError(f"snapshot {st.snapshot!r} is not in the store at {self.store.root}")
         self.close()
         self._failed = ""
-        self.ws = self.store.restore(st.snapshot, self.root / "episodes" / f"{self.task.name}-{uuid.uuid4().hex[:12]}")
+        self.ws = self._restore(st.snapshot)
         self.st = st
         return self.messages()[-1]["content"]
 
@@ -237,10 +272,19 @@ class Env:
         return build_messages(self.task.description, self.st.history, k=self.history_k, names=self.actions)
 
     def close(self) -> None:
-        """Delete the episode's workspace directory (its snapshots stay in the store)."""
+        """Delete the episode's workspace directory, whatever the agent left in it (its snapshots
+        stay in the store)."""
         if self.ws is not None:
-            remove_workspace(self.ws)
+            safefs.remove_tree(self.ws)
             self.ws = None
+
+    def _restore(self, snap: str) -> Path:
+        return self.store.restore(snap, self.root / "episodes" / f"{self.task.name}-{uuid.uuid4().hex[:12]}")
+
+    def _roll_back(self, snap: str) -> None:
+        """Replace the workspace by snapshot `snap` (a fresh directory; the old one is removed)."""
+        old, self.ws = self.ws, self._restore(snap)
+        safefs.remove_tree(old)
 
     def _need_reset(self) -> None:
         if self.st is None or self.ws is None:
@@ -265,6 +309,7 @@ class Env:
         t0 = time.perf_counter()
         text = scrub_text(text) if isinstance(text, str) else text  # history holds valid UTF-8 only
         p = _Pending(text, t0, parse_response(text, allowed=set(self.actions)))
+        p.undo = {k: list(v) for k, v in self.st.undo.items()}
         p.timings["parse_s"] = time.perf_counter() - t0
         if isinstance(p.parsed, ParseError):
             p.observation, p.kind, p.reason = p.parsed.message, "format_error", p.parsed.message
@@ -275,6 +320,8 @@ class Env:
             p.observation, p.kind, p.reason = f"EnvError: {e}", "invalid_action", str(e)
         except HelperError as e:
             p.observation, p.kind, p.reason = f"EnvError: {e}", "corner_case", str(e)
+        except UnsafePath as e:  # a link, special file or over-cap file where a file was asked for
+            p.observation, p.kind, p.reason = f"EnvError: {e}", "invalid_action", str(e)
         except (OSError, UnicodeError) as e:  # e.g. a name too long, text no codec can write
             msg = f"{type(e).__name__}: {e}".replace(f"{self.ws.resolve()}/", "")[:500]
             p.observation, p.kind, p.reason = f"EnvError: {msg}", "invalid_action", msg
@@ -301,7 +348,11 @@ class Env:
             r = step_reward(p.kind, self.reward_cfg, metric_before=metric_before, reason=p.reason)
         if p.changed:
             t = time.perf_counter()
-            st.snapshot = self.store.snapshot(self.ws)
+            try:
+                safefs.walk(self.ws, self.caps)  # refuse beyond caps before the store reads anything
+                st.snapshot = self.store.snapshot(self.ws)
+            except UnsafePath as e:  # over a cap: invalid, and the workspace goes back to before
+                r = self._over_cap(p, st, str(e))
             p.timings["snapshot_s"] = time.perf_counter() - t
         st.steps += 1
         action = p.parsed.action if isinstance(p.parsed, Parsed) else None
@@ -317,29 +368,52 @@ class Env:
                     snapshot=st.snapshot, step=st.steps, truncated=truncated, timings=p.timings)
         return p.observation, r.value, st.done, info
 
+    def _over_cap(self, p: _Pending, st: EnvState, why: str) -> RewardBreakdown:
+        """The workspace passed a cap: back to the step's start (files, undo stacks, scores)."""
+        self._roll_back(st.snapshot)
+        st.undo, st.metric, st.best, st.submission_sha = p.undo, self.st.metric, self.st.best, self.st.submission_sha
+        p.observation = (f"{p.observation}\n\nEnvError: {why}. The workspace is back as it was before "
+                         f"this step.").lstrip()
+        return step_reward("invalid_action", self.reward_cfg, metric_before=st.metric,
+                           reason=f"workspace over a cap: {why}")
+
     def _finish_run(self, p: _Pending, st: EnvState, info: dict[str, Any]) -> RewardBreakdown:
-        """Wait for a script run, map its cause to a reward, score the submission if it changed."""
+        """Wait for a script run, contain what it left, map its cause to a reward, score the
+        submission (a trusted copy of it) if it changed."""
         res = p.future.result()
         cfg, before = self.reward_cfg, st.metric
         p.timings["run_s"] = float(res.wall_s)
         info["run"] = {"script": p.script, "cause": res.cause, "exit_code": res.exit_code, "wall_s": res.wall_s,
                        "cpu_s": res.cpu_s, "peak_rss_mb": res.peak_rss_mb, "note": res.note}
         p.observation = self._run_observation(res)
+        sub = self._lstat(SUBMISSION)  # before sanitize, which removes a link or fifo put there
+        try:
+            safefs.sanitize(self.ws, self.caps)
+            safefs.walk(self.ws, self.caps)
+        except UnsafePath as e:
+            p.changed = False  # nothing to snapshot: the workspace is rolled back
+            return self._over_cap(p, st, str(e))
         kind = run_kind(res.cause)
         if kind is not None:
             return step_reward(kind, cfg, metric_before=before, reason=f"script run: {res.cause}")
-        sub = self.ws / SUBMISSION
-        if not sub.is_file():
+        if sub is None:
             return step_reward("no_score", cfg, metric_before=before, reason="no submission file")
-        sha = file_sha256(sub)
-        if sha == st.submission_sha:
-            return step_reward("no_score", cfg, metric_before=before, reason="submission unchanged")
         t = time.perf_counter()
+        scratch = Path(tempfile.mkdtemp(prefix=".score-", dir=self.root))
         try:
-            after = float(score_submission(self.task, self.ws, self.answers))
-        except ValueError as e:
-            return step_reward("invalid_action", cfg, metric_before=before, reason=f"submission rejected: {e}")
+            if not stat.S_ISREG(sub.st_mode):
+                raise UnsafePath(f"{SUBMISSION!r} is {_kind(sub.st_mode)}: write a regular file")
+            sha = safefs.copy_out(self.ws, SUBMISSION, scratch / SUBMISSION, MAX_SUBMISSION_BYTES)
+            if sha == st.submission_sha:
+                return step_reward("no_score", cfg, metric_before=before, reason="submission unchanged")
+            after = float(score_submission(self.task, scratch, self.answers))
+        except (UnsafePath, ValueError, LookupError, TypeError, ArithmeticError) as e:
+            # a link/special/over-cap file, or content the evaluator cannot read (its I/O errors
+            # are the trusted side's and propagate)
+            p.observation += f"\n\nEnvError: malformed submission: {e}"
+            return step_reward("invalid_action", cfg, metric_before=before, reason=f"malformed submission: {e}")
         finally:
+            safefs.remove_tree(scratch)
             p.timings["score_s"] = time.perf_counter() - t
         r = step_reward("score", cfg, metric_before=before, metric_after=after, best=st.best,
                         alpha=float(self.task.alpha), sign=int(self.task.sign), reason="new score")
@@ -360,47 +434,111 @@ class Env:
             return f"The script failed (exit code {res.exit_code}). Output:\n{out}"
         return f"The script was killed ({res.cause}). Output so far:\n{out}"
 
-    # --- paths ---
-    def _path(self, rel: str, what: str, write: bool = False) -> Path:
-        """A workspace path for an agent-given relative path; ActionError if it leaves the workspace."""
+    # --- paths: agent-given names are checked here; every open goes through safefs ---
+    def _rel(self, rel: str, what: str, write: bool = False) -> str:
+        """The normalized workspace-relative form of an agent-given path; ActionError if it leaves
+        the workspace (absolute, '..') or, for a write, names the workspace or read-only task data."""
+        parts = [q for q in rel.strip().split("/") if q not in ("", ".")]
         if not rel.strip() or "\x00" in rel:
             raise ActionError(f"{what} is empty or invalid")
-        root = self.ws.resolve()
-        path = (root / rel.strip()).resolve()
-        if path != root and root not in path.parents:
-            raise ActionError(f"{what} {rel!r} is outside the workspace: use a relative path")
-        relp = path.relative_to(root).as_posix()
-        if write and (path == root or path.is_dir()):
-            raise ActionError(f"{what} {rel!r} is a directory, not a file name")
-        if write and any(relp == p or relp.startswith(p + "/") for p in self.store.readonly):
-            raise ActionError(f"{what} {rel!r} is read-only (task data)")
-        return path
+        if rel.strip().startswith("/") or ".." in parts:
+            raise ActionError(f"{what} {safe_name(rel)!r} is outside the workspace: use a relative path "
+                              f"inside it (no leading '/', no '..')")
+        relp = "/".join(parts)
+        if write and not relp:
+            raise ActionError(f"{what} {safe_name(rel)!r} is a directory, not a file name")
+        if write and any(relp == r or relp.startswith(r + "/") for r in self.store.readonly):
+            raise ActionError(f"{what} {safe_name(rel)!r} is read-only (task data)")
+        return relp
 
-    def _file(self, rel: str, what: str) -> Path:
-        path = self._path(rel, what)
-        if not path.is_file():
-            raise ActionError(f"{what} {rel!r} is a directory, not a file" if path.is_dir()
-                              else f"{what} {rel!r} does not exist")
-        return path
-
-    def _write(self, path: Path, text: str) -> None:
-        """Replace a file (new inode), remembering its old content for Undo Edit Script."""
-        rel = path.relative_to(self.ws.resolve()).as_posix()
-        data = text.encode()  # fails (UnicodeError) before anything is written
-        old = self.store.put_bytes(path.read_bytes()) if path.is_file() else None
-        self._replace(path, data)
-        self.st.undo.setdefault(rel, []).append(old)
-
-    @staticmethod
-    def _replace(path: Path, data: bytes) -> None:
-        """Write by replacing: a new file renamed over the old, never an in-place write."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    def _lstat(self, rel: str) -> os.stat_result | None:
+        """lstat of rel in the workspace (never following a link on the way), None if missing."""
+        parent, _, name = rel.rpartition("/")
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            fd = safefs.open_beneath(self.ws, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         finally:
-            tmp.unlink(missing_ok=True)
+            os.close(fd)
+
+    def _file(self, rel: str, what: str) -> str:
+        """rel of an existing regular file (not a link, fifo, device, directory)."""
+        relp = self._rel(rel, what)
+        st = self._lstat(relp)
+        if st is None:
+            raise ActionError(f"{what} {safe_name(rel)!r} does not exist")
+        if not stat.S_ISREG(st.st_mode):
+            raise ActionError(f"{what} {safe_name(rel)!r} is {_kind(st.st_mode)}, not a regular file")
+        return relp
+
+    def _target(self, rel: str, what: str) -> tuple[str, bool]:
+        """(rel of a file to write, whether it exists); ActionError for a directory, link or special."""
+        relp = self._rel(rel, what, write=True)
+        st = self._lstat(relp)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise ActionError(f"{what} {safe_name(rel)!r} is {_kind(st.st_mode)}, not a file name to write")
+        return relp, st is not None
+
+    def _read_old(self, relp: str, exists: bool) -> bytes:
+        """The content of a file an edit replaces (b"" if new); ActionError above MAX_EDIT_BYTES."""
+        if not exists:
+            return b""
+        try:
+            return safefs.read_bytes(self.ws, relp, MAX_EDIT_BYTES, allow_links=True)
+        except UnsafePath as e:
+            raise ActionError(f"{e} (edits take files of at most {MAX_EDIT_BYTES} bytes)") from None
+
+    def _dir_fd(self, rel_dir: str) -> int:
+        """An fd of workspace directory rel_dir, made if missing, never through a link."""
+        fd = os.open(self.ws, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in [q for q in rel_dir.split("/") if q]:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    nfd = os.open(part, _DIR, dir_fd=fd)
+                except OSError as e:
+                    raise ActionError(f"{safe_name(rel_dir)!r}: {safe_name(part)!r} is not a directory "
+                                      f"(a file or a link)") from None
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _write(self, relp: str, old: bytes, exists: bool, text: str) -> None:
+        """Replace a file (new inode), remembering its old content for Undo Edit Script."""
+        data = text.encode()  # fails (UnicodeError) before anything is written
+        self._replace(relp, data)
+        self.st.undo.setdefault(relp, []).append(self.store.put_bytes(old) if exists else None)
+
+    def _replace(self, relp: str, data: bytes) -> None:
+        """Write by replacing: a new file renamed over the old, never an in-place write."""
+        parent, _, name = relp.rpartition("/")
+        pfd = self._dir_fd(parent)
+        tmp = f".{name[:100]}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=pfd)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=pfd)
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(pfd)
 
     def _ask(self, prompt: str) -> str:
         try:
@@ -408,42 +546,66 @@ class Env:
         except Exception as e:  # any helper failure (HTTP, model) is not the agent's fault
             raise HelperError(f"the helper model failed: {type(e).__name__}: {e}"[:500]) from None
 
-    # --- actions: each fills p.observation and sets p.changed / p.future; errors raise ActionError ---
+    # --- actions: each fills p.observation and sets p.changed / p.job; errors raise ActionError ---
     def _do_list_files(self, p: _Pending, a: dict) -> None:
-        path = self._path(a["dir_path"] or ".", "dir_path")
-        if not path.is_dir():
-            raise ActionError(f"dir_path {a['dir_path']!r} is not a directory")
-        names = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(path))
-        p.observation = _cut("\n".join(names) or "(empty directory)")
+        relp = self._rel(a["dir_path"] or ".", "dir_path")
+        try:
+            fd = safefs.open_beneath(self.ws, relp or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ActionError(f"dir_path {safe_name(a['dir_path'])!r} is not a directory") from None
+        names, more = [], 0
+        try:
+            with os.scandir(fd) as it:  # names only: lstat-free, never following a link
+                for e in it:
+                    if len(names) >= MAX_LIST_NAMES:
+                        more += 1
+                        if more >= 100_000:
+                            break
+                        continue
+                    kind = "/" if e.is_dir(follow_symlinks=False) else "" if e.is_file(follow_symlinks=False) \
+                        else " [symbolic link]" if e.is_symlink() else " [not a regular file]"
+                    names.append(safe_name(e.name) + kind)
+        finally:
+            os.close(fd)
+        tail = f"\n[... and {more}{'+' if more >= 100_000 else ''} more entries]" if more else ""
+        p.observation = _cut("\n".join(sorted(names)) + tail or "(empty directory)")
 
     def _do_copy_file(self, p: _Pending, a: dict) -> None:
         src = self._file(a["source"], "source")
-        dst = self._path(a["destination"], "destination", write=True)
-        self._replace(dst, src.read_bytes())
-        p.observation, p.changed = f"File {a['source']} copied to {a['destination']}.", True
+        dst, _ = self._target(a["destination"], "destination")
+        parent = dst.rpartition("/")[0]
+        os.close(self._dir_fd(parent))  # make the destination's folders, as the edits do
+        safefs.copy_file(self.ws, src, dst, MAX_COPY_BYTES)
+        p.observation, p.changed = f"File {safe_name(src)} copied to {safe_name(dst)}.", True
 
     def _do_undo_edit_script(self, p: _Pending, a: dict) -> None:
-        path = self._path(a["script_name"], "script_name", write=True)
-        rel = path.relative_to(self.ws.resolve()).as_posix()
-        stack = self.st.undo.get(rel)
+        relp, exists = self._target(a["script_name"], "script_name")
+        stack = self.st.undo.get(relp)
         if not stack:
-            raise ActionError(f"there is no edit of {a['script_name']!r} to undo")
-        old = stack.pop()
+            raise ActionError(f"there is no edit of {safe_name(a['script_name'])!r} to undo")
+        old = stack[-1]
         if old is None:  # the edit created the file
-            path.unlink(missing_ok=True)
-            p.observation = f"Undid the edit: {a['script_name']} did not exist before it and is removed."
+            if exists:
+                parent = relp.rpartition("/")[0]
+                fd = safefs.open_beneath(self.ws, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.unlink(relp.rpartition("/")[2], dir_fd=fd)
+                finally:
+                    os.close(fd)
+            p.observation = f"Undid the edit: {safe_name(relp)} did not exist before it and is removed."
         else:
-            self._replace(path, self.store.get_bytes(old))
-            content = path.read_text(errors="replace")
-            p.observation = _cut(f"Undid the last edit. Content of {a['script_name']} now:\n{content}")
+            data = self.store.get_bytes(old)  # at most MAX_EDIT_BYTES: an edit read it with that cap
+            self._replace(relp, data)
+            p.observation = _cut(f"Undid the last edit. Content of {safe_name(relp)} now:\n"
+                                 f"{data.decode('utf-8', 'replace')}")
+        stack.pop()
         p.changed = True
 
     def _do_execute_script(self, p: _Pending, a: dict) -> None:
-        path = self._file(a["script_name"], "script_name")
-        if path.suffix != ".py":
-            raise ActionError(f"script_name {a['script_name']!r} is not a python script (.py)")
-        rel = path.relative_to(self.ws.resolve()).as_posix()
-        ro = [self.ws / r for r in self.store.readonly if (self.ws / r).exists()]
+        rel = self._file(a["script_name"], "script_name")
+        if not rel.endswith(".py"):
+            raise ActionError(f"script_name {safe_name(a['script_name'])!r} is not a python script (.py)")
+        ro = [self.ws / r for r in self.store.readonly if self._lstat(r) is not None]
         p.script, p.changed = rel, True
         p.job = dict(workspace=self.ws, script=rel, args=[], readonly=ro)
 
@@ -451,49 +613,58 @@ class Env:
         p.observation = "The episode has ended."
 
     def _do_understand_file(self, p: _Pending, a: dict) -> None:
-        path = self._file(a["file_name"], "file_name")
-        text = path.read_text(errors="replace")
-        note = "" if len(text) <= MAX_READ_CHARS else f"\n[only the first {MAX_READ_CHARS} characters shown]"
-        prompt = (f"Read this file, {a['file_name']}:\n```\n{text[:MAX_READ_CHARS]}\n```{note}\n\n"
+        rel = self._file(a["file_name"], "file_name")
+        head, longer = safefs.read_head(self.ws, rel, 4 * MAX_READ_CHARS, allow_links=True)
+        text = head.decode("utf-8", "replace")
+        longer = longer or len(text) > MAX_READ_CHARS
+        note = f"\n[only the first {MAX_READ_CHARS} characters shown]" if longer else ""
+        prompt = (f"Read this file, {safe_name(rel)}:\n```\n{text[:MAX_READ_CHARS]}\n```{note}\n\n"
                   f"Then describe the following, citing line content where useful, and say plainly when "
                   f"something is not in the file: {a['things_to_look_for']}")
         p.observation = _cut(self._ask(prompt))
 
     def _do_inspect_script_lines(self, p: _Pending, a: dict) -> None:
-        path = self._file(a["script_name"], "script_name")
+        rel = self._file(a["script_name"], "script_name")
         start, end = a["start_line_number"], a["end_line_number"]
-        lines = path.read_text(errors="replace").splitlines()
         if start < 1 or end < start:
             raise ActionError(f"need 1 <= start_line_number <= end_line_number, got {start} and {end}")
         if end - start + 1 > MAX_INSPECT_LINES:
             raise ActionError(f"at most {MAX_INSPECT_LINES} lines at a time; asked for {end - start + 1}")
+        head, longer = safefs.read_head(self.ws, rel, MAX_SCAN_BYTES, allow_links=True)
+        lines = head.decode("utf-8", "replace").splitlines()
+        if longer:  # the last line may be cut: only lines before it are known whole
+            lines = lines[:-1]
+            if end > len(lines):
+                raise ActionError(f"{safe_name(rel)} is too large to scan to line {end}: its first "
+                                  f"{MAX_SCAN_BYTES} bytes hold {len(lines)} whole lines")
         if start > max(len(lines), 1):
-            raise ActionError(f"{a['script_name']} has only {len(lines)} lines")
+            raise ActionError(f"{safe_name(rel)} has only {len(lines)} lines")
+        count = f"more than {len(lines)}" if longer else str(len(lines))
         shown = "\n".join(f"{i:4d} | {lines[i - 1]}" for i in range(start, min(end, len(lines)) + 1))
-        p.observation = f"Lines {start}-{min(end, len(lines))} of {a['script_name']} ({len(lines)} lines):\n{shown}"
+        p.observation = _cut(f"Lines {start}-{min(end, len(lines))} of {safe_name(rel)} ({count} lines):\n{shown}")
 
     def _do_edit_script_ai(self, p: _Pending, a: dict) -> None:
-        src = self._path(a["script_name"], "script_name")
-        dst = self._path(a["save_name"], "save_name", write=True)
-        old = src.read_text(errors="replace") if src.is_file() else ""
-        prompt = (f"Here is a python script, {a['script_name']}:\n```python\n{old}\n```\n\n"
+        src, src_exists = self._target(a["script_name"], "script_name")
+        dst, dst_exists = self._target(a["save_name"], "save_name")
+        src_bytes = self._read_old(src, src_exists)
+        old = src_bytes.decode("utf-8", "replace")
+        base_bytes = src_bytes if dst == src else self._read_old(dst, dst_exists)
+        prompt = (f"Here is a python script, {safe_name(src)}:\n```python\n{old}\n```\n\n"
                   f"Rewrite it following this instruction, and change nothing else:\n{a['edit_instruction']}\n\n"
                   f"Answer with the complete new script in one ```python code block.")
         new = _extract_code(self._ask(prompt))
-        base = dst.read_text(errors="replace") if dst.is_file() else ""
-        self._write(dst, new)
-        p.observation, p.changed = f"Saved {a['save_name']}. Diff:\n{_diff(base, new, a['save_name'])}", True
+        self._write(dst, base_bytes, dst_exists, new)
+        p.observation, p.changed = (f"Saved {safe_name(dst)}. Diff:\n"
+                                    f"{_diff(base_bytes.decode('utf-8', 'replace'), new, safe_name(dst))}"), True
 
     def _do_edit_script_segment(self, p: _Pending, a: dict) -> None:
-        src = self._path(a["script_name"], "script_name")
-        dst = self._path(a.get("save_name") or a["script_name"], "save_name", write=True)
-        if src.is_dir():
-            raise ActionError(f"script_name {a['script_name']!r} is a directory")
-        old = src.read_text(errors="replace") if src.is_file() else ""
-        lines = old.splitlines(True)
+        src, src_exists = self._target(a["script_name"], "script_name")
+        dst, dst_exists = self._target(a.get("save_name") or a["script_name"], "save_name")
+        src_bytes = self._read_old(src, src_exists)
+        lines = src_bytes.decode("utf-8", "replace").splitlines(True)
         start, end = a["start_line_number"], a["end_line_number"]
         if not (1 <= start <= len(lines) + 1 and start - 1 <= end <= len(lines)):
-            raise ActionError(f"lines {start}-{end} are not a valid range of {a['script_name']} ({len(lines)} "
+            raise ActionError(f"lines {start}-{end} are not a valid range of {safe_name(src)} ({len(lines)} "
                               f"lines): need 1 <= start <= {len(lines) + 1} and start-1 <= end <= {len(lines)}")
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
@@ -501,10 +672,10 @@ class Env:
         if seg and not seg.endswith("\n"):
             seg += "\n"
         new = "".join(lines[:start - 1]) + seg + "".join(lines[end:])
-        base = dst.read_text(errors="replace") if dst.is_file() else ""
-        self._write(dst, new)
-        p.observation, p.changed = f"Saved {dst.relative_to(self.ws.resolve()).as_posix()}. Diff:\n" \
-                                   f"{_diff(base, new, a.get('save_name') or a['script_name'])}", True
+        base_bytes = src_bytes if dst == src else self._read_old(dst, dst_exists)
+        self._write(dst, base_bytes, dst_exists, new)
+        p.observation, p.changed = (f"Saved {safe_name(dst)}. Diff:\n"
+                                    f"{_diff(base_bytes.decode('utf-8', 'replace'), new, safe_name(dst))}"), True
 
 
     _ACT = {"List Files": _do_list_files, "Copy File": _do_copy_file, "Undo Edit Script": _do_undo_edit_script,
