@@ -11,8 +11,18 @@ Use:
 Pool options: preload (modules the zygote imports), log_dir, queue_size (submit blocks when full),
 threads_per_job (OMP/BLAS threads; default cores // workers), isolation ("auto", "namespaces",
 "landlock", "none" with allow_unisolated=True), env (added to every job's environment), devices,
-default_limits. A job's environment is minimal (PATH, HOME=/tmp/home, TMPDIR=/tmp, LANG, thread
-counts): the caller's environment, API keys included, never reaches it.
+default_limits, keep_logs. A job's environment is minimal (PATH, HOME=/tmp/home, TMPDIR=/tmp, LANG,
+thread counts): the caller's environment, API keys included, never reaches it.
+
+Errors: bad arguments raise ValueError from submit(); when the sandbox itself fails (the workspace
+vanished, a mount or cgroup failed, no isolation works) the job's Future raises SandboxError (a
+RuntimeError): such a failure is never a Result, so it is never billed to the agent.
+
+Output logs: by default a job's output is kept in memory only (Result.output: head + tail, with
+the cut count), nothing is written per job, and Result.stdout_path / stderr_path are None. With
+Pool(keep_logs=True) each stream is also written to log_dir/job-N.stdout / .stderr, capped at
+Limits.file_mb each; those files stay until the caller deletes them (a pool-created log_dir goes
+at shutdown), so a caller that keeps logs bounds them itself.
 
 Speed: a zygote (a fresh interpreter, never a fork of the caller) imports numpy, pandas,
 scikit-learn and torch once; each job is a fork of it whose namespaces and root were prepared
@@ -24,22 +34,65 @@ Process tree: caller (Pool, one event-loop thread) -> zygote -> one supervisor T
 of the job's namespaces (J) -> the job (K). T, J and K are made before the job arrives (standby);
 the pool sends the job straight to T, which drains K's output, enforces the wall clock and reports.
 
+PARTIES, MESSAGES AND WHO MAY WRITE WHAT (trusted: believed by the pool; the job is hostile):
+  party        | runs as / where                  | writes                                   | believed
+  -------------+----------------------------------+------------------------------------------+---------
+  pool thread  | the caller's process             | job specs to T (standby socket), zygote  | -
+  (caller)     |                                  | control msgs; chowns the workspace to    |
+               |                                  | nobody before a job (ownership.py)       |
+  zygote       | caller's uid, host namespaces    | ready/standby/fatal msgs to the pool;    | yes
+               |                                  | uid/gid maps of T's user namespace;      |
+               |                                  | the pool's cgroups (cgroups.py)          |
+  supervisor T | caller's uid, own user ns (after | the job's cgroups + limits; Result or    | yes
+               | making its cgroups as root)      | setup_error to the pool; log files       |
+               |                                  | (keep_logs); strips set-id bits after    |
+  init J       | PID 1 of the job's namespaces,   | its report (K's wait status, tree CPU,   | yes
+               | no capabilities once K runs,     | peak RSS) on the J/T socket, after every |
+               | not dumpable, in the job cgroup  | process of the namespace is reaped       |
+  job K        | nobody (as root) / caller's uid, | before its code runs (trusted code):     | only
+  (and all it  | no capabilities, no_new_privs,   | "started" (baseline RSS) or setup_error  | that
+  starts)      | in the job cgroup                | on the J/T socket, then closes it. Its   | message
+               |                                  | code writes: stdout/stderr pipes, the    | no
+               |                                  | mux pipe (framed stdout/stderr), its     | no
+               |                                  | workspace and private /tmp, /dev/shm,    | no
+               |                                  | its exit code and signals to itself      | no
+The cause comes only from believed facts: T's own wall-clock kill, J's report (or J's death),
+the tree's CPU as J/T measured it, and the kernel's counters in the job's memory cgroup (OOM
+kills, which the job can neither see nor write). What the job writes is output, never status: a
+malformed mux frame (unknown tag, length over FRAME_DATA) ends unframing and the rest is shown
+raw, so T (outside every limit) never buffers more than one read plus one frame.
+
+Causes: ok (exit 0); error (everything the job did to itself: exit code, exception, MemoryError
+without measured exhaustion, a signal it sent itself, a crash, file too large); timeout (T's
+wall-clock kill, or an RLIMIT_CPU kill with the tree's measured CPU at the limit); oom (the
+kernel OOM-killed a process of the job's cgroup; without cgroups: the job failed after its
+measured memory grew to >= 80% of memory_mb); killed (the trusted side ended it for reasons not
+the job's: pool shut down, supervisor died).
+
 ISOLATION, namespace mode (the default wherever the kernel allows unprivileged user namespaces):
   * Each job gets its own user, mount, network, PID, IPC and UTS namespaces and its own session.
     It runs with no capabilities at all (empty bounding set, locked securebits, no_new_privs) as
-    `nobody` when the pool runs as root (the workspace is an idmapped mount, so the job can write
-    it and its files are stored as root on disk) or as the pool's own uid otherwise.
+    `nobody` (65534) when the pool runs as root, never as uid 0: before each job the pool lchowns
+    the workspace's directories and writable files to nobody (no symlink followed, read-only data
+    paths and hard-linked files left alone; ~1 ms for 200 files), so every file a job creates is
+    nobody's on the host disk; after the job T clears setuid/setgid bits in the workspace. As an
+    unprivileged user the job runs as the pool's own uid. The trusted side reads and writes all.
+  * Memory and tasks (as root, cgroup v1 memory and pids writable): J and everything below it are
+    in the job's own memory cgroup (limit = memory_mb for the whole tree, swap included) and pids
+    cgroup (nproc + 1); /sys/fs/cgroup is hidden from the job.
   * Filesystem: a new root (pivot_root; the host root is detached) that holds only read-only binds
     of /usr, /bin, /sbin, /lib*, /etc, /sys and the Python installation (prefixes, site-packages,
     also when they live under a home directory), the workspace read-write, `readonly=` paths
     read-only, a private size-limited /tmp and /dev/shm that vanish with the job, a fresh /proc and
     a minimal /dev. Everything else does not exist for the job: home directories, other
-    workspaces, the project, task answers. Dataset files that ship inside site-packages (sklearn,
-    statsmodels, vega_datasets, palmerpenguins, sktime, mlxtend, ...) and every `hide=` path that
-    is visible (e.g. inside the workspace) are covered by empty unreadable mounts (EACCES), so
-    `sklearn.datasets.load_digits()` fails while `import sklearn` works. Nothing the job can see
-    outside its workspace and temp dirs is writable. Without capabilities the job cannot unmount
-    the covers; in a nested user namespace the kernel locks them.
+    workspaces, the project, task answers. Within every site-packages / dist-packages only code,
+    libraries, package metadata and a short list of runtime data (fastagent/sandbox/sitedata.py:
+    mpl-data fonts, time-zone databases, ...) are readable; every other file, tests' data and the
+    bundled tasks' raw sources included, is covered by an empty unreadable mount (EACCES), so
+    `sklearn.datasets.load_digits()` fails while `import sklearn` works. `hide=` paths that are
+    visible (e.g. inside the workspace) are covered the same way. Nothing the job can see outside
+    its workspace and temp dirs is writable. Without capabilities the job cannot unmount the
+    covers; in a nested user namespace the kernel locks them.
   * Network: a new network namespace whose loopback is down: no connect, bind, DNS or host
     abstract unix sockets, loopback included.
   * Processes: the job sees (in /proc too) only its own processes, never the pool's or anyone
@@ -47,39 +100,44 @@ ISOLATION, namespace mode (the default wherever the kernel allows unprivileged u
     kills and reaps every process left, setsid and double-forked ones included, before the result
     is reported. On timeout the supervisor SIGKILLs PID 1 and the kernel empties the namespace.
     The init keeps no capability and cannot be traced or signalled by the job.
-  * Limits (per job): RLIMIT_AS = memory_mb (above the preloaded zygote's own address space for
-    Python jobs), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC (counted per job: each job
-    has its own user namespace), no core files, the wall clock, /tmp size. Output goes through
-    pipes that the job's supervisor always drains into files capped at file_mb (a flood cannot
-    block or fill the disk); the observation is the head and tail of stdout+stderr in order.
+  * Limits (per job): the memory cgroup (else RLIMIT_AS = memory_mb per process, above the
+    preloaded zygote's own address space for Python jobs), RLIMIT_CPU, RLIMIT_FSIZE,
+    RLIMIT_NOFILE, RLIMIT_NPROC (counted per job: each job has its own user namespace), no core
+    files, the wall clock, /tmp size. Output goes through pipes that the job's supervisor always
+    drains (a flood cannot block it or fill the disk); the observation is the head and tail of
+    stdout+stderr in order.
 
 NOT guaranteed:
   * It is not a VM: jobs share the host kernel, so a kernel exploit escapes; there is no syscall
     filter in namespace mode.
-  * No cgroups: CPU time and memory bandwidth are not partitioned (a job can slow its
-    neighbours); memory is capped per process, so a job's whole tree may use up to nproc x
-    memory_mb.
+  * CPU time and memory bandwidth are not partitioned (a job can slow its neighbours). Without
+    cgroups (non-root, cgroup v2 only) memory is capped per process (a job's tree may use up to
+    nproc x memory_mb), there is no pids cgroup, and `oom` rests on the measured RSS growth.
+  * `oom` and `timeout` mean the limit was really reached, not that the job could not help it: a
+    failing script can still exhaust its memory (or CPU) on purpose to turn -1 into a corner case.
   * Disk: RLIMIT_FSIZE caps each file; the workspace has no quota, so many files can fill its disk
-    within the wall time.
+    within the wall time. The chown walk before a job and the set-id strip after it stop after
+    100,000 entries (files beyond them stay root's / keep their bits; nosuid holds inside jobs).
   * World-readable host configuration under /etc, /usr and /sys stays readable (/etc/shadow,
     /etc/ssh and similar secrets are covered). Devices: only null, zero, full, random, urandom,
-    tty and what `devices=` adds (e.g. GPUs: /dev/nvidia*; CUDA then needs a large memory_mb,
-    since RLIMIT_AS counts its address-space reservations).
+    tty and what `devices=` adds (e.g. GPUs: /dev/nvidia*; without cgroups CUDA needs a large
+    memory_mb, since RLIMIT_AS counts its address-space reservations).
+  * Data in a form the allowlist lets through (a dataset embedded in a .py file) stays readable.
   * Files a job leaves in its workspace are untrusted (symlinks, huge files, odd names): open them
-    with care (O_NOFOLLOW). A job can fake an `oom` cause by raising MemoryError itself.
+    with care (O_NOFOLLOW).
   * Fallback modes are weaker, and `Pool.isolation["mode"]` says which one runs:
     - "landlock" (no user namespaces, Linux >= 5.13): Landlock limits reads to the system and
       Python directories (minus the hidden ones: their names stay listable) and writes to the
       workspace and a private temp dir; a seccomp filter refuses every non-unix socket (no
       network); Landlock ABI >= 6 stops signals and abstract sockets leaving the job. The job runs
-      with the pool's uid (as root: without capabilities), sees other processes in ps, and the
+      with the pool's uid, as root as nobody (refused with a SandboxError when nobody cannot
+      reach the Python installation, e.g. under /root), sees other processes in ps, and the
       supervisor, a child subreaper, kills every descendant at the end.
     - "none" (only with Pool(allow_unisolated=True)): limits, session and tree kill only.
 
 Requirements: Linux, Python >= 3.11, no extra package. Namespace mode needs unprivileged user
-namespaces (or root) and, for root, idmapped mounts (Linux >= 5.12; else jobs run as uid 0
-without capabilities). Results keep stdout/stderr files in `log_dir`, which the pool removes on
-shutdown when it created it.
+namespaces (or root). As root no mode runs a job as uid 0: where none can, the pool fails with a
+SandboxError that says what to change.
 """
 
 from __future__ import annotations

