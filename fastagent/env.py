@@ -226,7 +226,7 @@ class Env:
             self.initial = _INITIAL[key] = self.store.snapshot(pristine)
         sub = pristine / SUBMISSION
         self._initial_sub = file_sha256(sub) if sub.is_file() else None
-        self.caps = safefs.Caps()  # bounds on the workspace after each step (beyond: invalid action)
+        self.caps = self.store.caps  # bounds on the workspace after each step (beyond: invalid action)
         # m at the start: the starter's score on this seed (measured once per (task, seed), cached)
         self.start_metric = float(starter_score(task, self.root / "tasks", seed, pool))
         self.ws: Path | None = None
@@ -349,8 +349,7 @@ class Env:
         if p.changed:
             t = time.perf_counter()
             try:
-                safefs.walk(self.ws, self.caps)  # refuse beyond caps before the store reads anything
-                st.snapshot = self.store.snapshot(self.ws)
+                st.snapshot = self.store.snapshot(self.ws)  # walks with the caps before reading
             except UnsafePath as e:  # over a cap: invalid, and the workspace goes back to before
                 r = self._over_cap(p, st, str(e))
             p.timings["snapshot_s"] = time.perf_counter() - t
@@ -387,12 +386,15 @@ class Env:
                        "cpu_s": res.cpu_s, "peak_rss_mb": res.peak_rss_mb, "note": res.note}
         p.observation = self._run_observation(res)
         sub = self._lstat(SUBMISSION)  # before sanitize, which removes a link or fifo put there
+        t = time.perf_counter()
+        p.changed = False  # snapshotted here, before scoring: an over-cap workspace is not scored
         try:
             safefs.sanitize(self.ws, self.caps)
-            safefs.walk(self.ws, self.caps)
+            st.snapshot = self.store.snapshot(self.ws)
         except UnsafePath as e:
-            p.changed = False  # nothing to snapshot: the workspace is rolled back
             return self._over_cap(p, st, str(e))
+        finally:
+            p.timings["snapshot_s"] = time.perf_counter() - t
         kind = run_kind(res.cause)
         if kind is not None:
             return step_reward(kind, cfg, metric_before=before, reason=f"script run: {res.cause}")
