@@ -44,6 +44,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import stat
 import tempfile
 import time
@@ -179,9 +180,32 @@ def _kind(mode: int) -> str:
             "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
 
 
+MAX_DIFF_LINES = 2000  # difflib is superlinear: a changed region longer than this gets a summary
+_HUNK = re.compile(r"@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")
+
+
 def _diff(old: str, new: str, name: str) -> str:
-    d = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{name}", f"b/{name}"))
-    return _cut(d) if d else "(no change)"
+    """A unified diff of the changed region only: common leading and trailing lines are cut first
+    (linear time), so a one-line edit of a 1 MB file costs what the line does."""
+    a, b = old.splitlines(True), new.splitlines(True)
+    pre = 0
+    while pre < min(len(a), len(b)) and a[pre] == b[pre]:
+        pre += 1
+    suf = 0
+    while suf < min(len(a), len(b)) - pre and a[-1 - suf] == b[-1 - suf]:
+        suf += 1
+    if a == b:
+        return "(no change)"
+    lo, keep = max(0, pre - 3), max(0, suf - 3)  # 3 lines of context, as unified_diff gives
+    a_mid, b_mid = a[lo:len(a) - keep], b[lo:len(b) - keep]
+    if len(a_mid) + len(b_mid) > MAX_DIFF_LINES:
+        return (f"(diff not shown: lines {pre + 1}-{len(a) - suf} ({len(a) - pre - suf} lines) became "
+                f"{len(b) - pre - suf} new lines, too many to show; Inspect Script Lines shows them)")
+    out = []
+    for line in difflib.unified_diff(a_mid, b_mid, f"a/{name}", f"b/{name}"):
+        m = _HUNK.match(line)  # hunk line numbers are relative to the cut region: shift them back
+        out.append(f"@@ -{int(m[1]) + lo}{m[2] or ''} +{int(m[3]) + lo}{m[4] or ''} @@{line[m.end():]}" if m else line)
+    return _cut("".join(out))
 
 
 def _extract_code(text: str) -> str:

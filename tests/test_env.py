@@ -409,6 +409,30 @@ def test_file_actions(task, pool, root):
     env.close()
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a\n", "b\n", "c\n", "d"]), max_size=30),
+       st.lists(st.sampled_from(["a\n", "b\n", "x\n"]), max_size=30))
+def test_diff_of_the_changed_region_equals_difflib(old, new):
+    import difflib
+    from fastagent.env import _diff
+    a, b = "".join(old), "".join(new)
+    ref = "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "a/f", "b/f"))
+    assert _diff(a, b, "f") == (ref or "(no change)")
+
+
+def test_editing_a_large_file_diffs_only_the_edit(task, pool, root):
+    env = make_env(task, pool, root)
+    env._replace("big.py", "".join(f"x_{i} = {i}\n" for i in range(60_000)).encode())  # 0.9 MB, 60,000 lines
+    o, r, _, info = env.step(turn("Edit Script Segment", script_name="big.py", start_line_number=50_000,
+                                  end_line_number=50_000, new_content="changed = True"))
+    assert info["reward"]["kind"] == "no_score" and "@@ -49997,7 +49997,7 @@" in o
+    assert "-x_49999 = 49999" in o and "+changed = True" in o
+    o, r, _, info = env.step(turn("Edit Script Segment", script_name="big.py", start_line_number=1,
+                                  end_line_number=60_000, new_content="\n".join(f"y{i}" for i in range(5000))))
+    assert info["reward"]["kind"] == "no_score" and "diff not shown" in o
+    env.close()
+
+
 def test_helper_actions_with_a_callable_and_over_http(task, pool, root):
     def helper(prompt: str) -> str:
         if "Rewrite it" in prompt:
@@ -639,7 +663,7 @@ def _bundled() -> list[str]:
 @pytest.mark.parametrize("name", _bundled())
 def test_scripted_episode_on_bundled_task(name, pool, root):
     """Inspect, edit, execute, final answer on a bundled task: the execute step earns exactly
-    sigmoid(alpha * sign * (m' - starter_score)), m' from the trusted evaluator."""
+    sigmoid(alpha * sign * (m' - m0)), m' from the trusted evaluator, m0 the measured starter score."""
     from fastagent.tasks import get_task, score_submission
     task = get_task(name)
     env = make_env(task, pool, root)
@@ -651,5 +675,8 @@ def test_scripted_episode_on_bundled_task(name, pool, root):
     assert info["run"]["cause"] == "ok", obs
     m = score_submission(task, env.ws, env.answers)
     rewards += [r, env.step(turn("Final Answer", final_answer="ran the starter"))[1]]
-    assert rewards == pytest.approx([0.0, 0.0, sigmoid(task.alpha * task.sign * (m - task.starter_score)), 0.0])
+    assert rewards == pytest.approx([0.0, 0.0, sigmoid(task.alpha * task.sign * (m - env.start_metric)), 0.0])
+    # the starting metric is the starter's measured score on this seed, close to task.toml's seed-0 number
+    assert env.start_metric == pytest.approx(task.starter_score, abs=max(1e-4, 0.05 * abs(
+        task.reference_score - task.starter_score)))
     env.close()
