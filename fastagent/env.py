@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import stat
@@ -433,6 +434,8 @@ class Env:
             if sha == st.submission_sha:
                 return step_reward("no_score", cfg, metric_before=before, reason="submission unchanged")
             after = float(score_submission(self.task, scratch, self.answers))
+            if not math.isfinite(after):
+                raise ValueError(f"the evaluator scored it {after}")
         except (UnsafePath, ValueError, LookupError, TypeError, ArithmeticError) as e:
             # a link/special/over-cap file, or content the evaluator cannot read (its I/O errors
             # are the trusted side's and propagate)

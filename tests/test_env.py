@@ -341,6 +341,8 @@ def test_execute_outcomes(task, pool, root):
         "hog.py": ("x = bytearray(2 << 30)\nx[::4096] = b'1' * len(x[::4096])\n", "corner_case", 0.0),
         "quiet.py": ("print('no submission here')\n", "no_score", 0.0),
         "bad.py": ("open('submission.csv', 'w').write('id,y\\n0,oops\\n')\n", "invalid_action", -1.0),
+        # float('nan') parses, so the evaluator returns nan: a malformed submission, never a nan reward
+        "nan.py": ("open('submission.csv', 'w').write('id,y\\n0,nan\\n1,nan\\n2,nan\\n')\n", "invalid_action", -1.0),
         # task data is mounted read-only: the write fails, and the linked store objects stay intact
         "taint.py": ("open('data/train.csv', 'a').write('99\\n')\n", "invalid_action", -1.0),
     }
