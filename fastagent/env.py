@@ -41,11 +41,9 @@ helper those two actions are left out of the prompt and parsing them is a format
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
-import re
 import stat
 import tempfile
 import time
@@ -55,24 +53,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastagent.actions import ACTIONS, MAX_INSPECT_LINES, Parsed, ParseError, Turn, build_messages, parse_response
+from fastagent.actions import ACTIONS, Parsed, ParseError, Turn, build_messages, parse_response
 from fastagent import safefs
 from fastagent.chat import scrub_text
 from fastagent.reward import RewardBreakdown, RewardConfig, run_kind, step_reward
-from fastagent.safefs import UnsafePath, safe_name
+from fastagent.safefs import UnsafePath
 from fastagent.sandbox import Limits
 from fastagent.tasks import materialize, score_submission, starter_score
 from fastagent.workspace import Store, file_sha256
+from fastagent.env_actions import (ACT, MAX_SUBMISSION_BYTES, SUBMISSION, ActionError, HelperError, Pending,
+                                  _cut, _kind, _lstat)
 
-SUBMISSION = "submission.csv"
-MAX_OBS_CHARS = 6000  # longest observation returned by one action (head and tail kept)
-MAX_READ_CHARS = 12000  # most of a file sent to the helper model by Understand File
-MAX_SCAN_BYTES = 1 << 20  # Inspect Script Lines reads at most this much of a file to find its lines
-MAX_EDIT_BYTES = 1 << 20  # largest file the edit actions (and Undo) read and rewrite
-MAX_COPY_BYTES = safefs.Caps().max_file_bytes  # largest file Copy File copies
-MAX_SUBMISSION_BYTES = 64 << 20  # largest submission.csv that is scored
-MAX_LIST_NAMES = 1000  # names shown by List Files (the rest are counted)
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 Helper = Callable[[str], str]
 _INITIAL: dict[tuple[str, str], str] = {}  # (store root, pristine workspace) -> its snapshot id
 
@@ -97,14 +88,6 @@ def http_helper(base_url: str, model: str = "default", timeout_s: float = 120.0,
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read())["choices"][0]["message"]["content"]
     return call
-
-
-class ActionError(Exception):
-    """The action failed because of what the agent asked for (reward kind invalid_action)."""
-
-
-class HelperError(Exception):
-    """The helper model failed: not the agent's fault (reward kind corner_case)."""
 
 
 class StepError(RuntimeError):
@@ -148,75 +131,6 @@ class EnvState:
 
     def copy(self) -> "EnvState":
         return EnvState.from_dict(self.to_dict())
-
-
-@dataclass
-class _Pending:
-    """A step between its start (parse, act, submit) and its end (wait, score, snapshot)."""
-    text: str
-    t0: float
-    parsed: Parsed | ParseError
-    observation: str = ""
-    kind: str = "no_score"
-    reason: str = ""
-    changed: bool = False
-    job: dict[str, Any] | None = None  # Execute Script: the pool.submit arguments (trusted side)
-    undo: dict[str, list[str | None]] = field(default_factory=dict)  # the undo stacks before the step
-    future: Any = None  # concurrent.futures.Future of the script run
-    script: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _cut(text: str, limit: int = MAX_OBS_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
-
-
-def _kind(mode: int) -> str:
-    """What a non-regular inode is, for an observation."""
-    return ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else
-            "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-
-
-MAX_DIFF_LINES = 2000  # difflib is superlinear: a changed region longer than this gets a summary
-_HUNK = re.compile(r"@@ -(\d+)(,\d+)? \+(\d+)(,\d+)? @@")
-
-
-def _diff(old: str, new: str, name: str) -> str:
-    """A unified diff of the changed region only: common leading and trailing lines are cut first
-    (linear time), so a one-line edit of a 1 MB file costs what the line does."""
-    a, b = old.splitlines(True), new.splitlines(True)
-    pre = 0
-    while pre < min(len(a), len(b)) and a[pre] == b[pre]:
-        pre += 1
-    suf = 0
-    while suf < min(len(a), len(b)) - pre and a[-1 - suf] == b[-1 - suf]:
-        suf += 1
-    if a == b:
-        return "(no change)"
-    lo, keep = max(0, pre - 3), max(0, suf - 3)  # 3 lines of context, as unified_diff gives
-    a_mid, b_mid = a[lo:len(a) - keep], b[lo:len(b) - keep]
-    if len(a_mid) + len(b_mid) > MAX_DIFF_LINES:
-        return (f"(diff not shown: lines {pre + 1}-{len(a) - suf} ({len(a) - pre - suf} lines) became "
-                f"{len(b) - pre - suf} new lines, too many to show; Inspect Script Lines shows them)")
-    out = []
-    for line in difflib.unified_diff(a_mid, b_mid, f"a/{name}", f"b/{name}"):
-        m = _HUNK.match(line)  # hunk line numbers are relative to the cut region: shift them back
-        out.append(f"@@ -{int(m[1]) + lo}{m[2] or ''} +{int(m[3]) + lo}{m[4] or ''} @@{line[m.end():]}" if m else line)
-    return _cut("".join(out))
-
-
-def _extract_code(text: str) -> str:
-    """The first fenced code block of a helper's answer, or the whole answer."""
-    start = text.find("```")
-    if start < 0:
-        return text
-    body_start = text.find("\n", start)
-    end = text.find("```", body_start + 1) if body_start >= 0 else -1
-    return text[body_start + 1:end] if end >= 0 else text[body_start + 1:]
 
 
 class Env:
@@ -324,7 +238,7 @@ class Env:
         env needs reset() (reset(state=env.state()) goes on from before the step)."""
         return self._finish(self._begin(text))
 
-    def _begin(self, text: str) -> _Pending:
+    def _begin(self, text: str) -> Pending:
         self._need_reset()
         if self._failed:
             raise ValueError(f"the last step failed outside the agent's control ({self._failed}); "
@@ -333,14 +247,14 @@ class Env:
             raise ValueError("the episode is done (Final Answer or step limit): call reset()")
         t0 = time.perf_counter()
         text = scrub_text(text) if isinstance(text, str) else text  # history holds valid UTF-8 only
-        p = _Pending(text, t0, parse_response(text, allowed=set(self.actions)))
+        p = Pending(text, t0, parse_response(text, allowed=set(self.actions)))
         p.undo = {k: list(v) for k, v in self.st.undo.items()}
         p.timings["parse_s"] = time.perf_counter() - t0
         if isinstance(p.parsed, ParseError):
             p.observation, p.kind, p.reason = p.parsed.message, "format_error", p.parsed.message
             return p
         try:
-            self._ACT[p.parsed.action](self, p, p.parsed.args)
+            ACT[p.parsed.action](self, p, p.parsed.args)
         except ActionError as e:
             p.observation, p.kind, p.reason = f"EnvError: {e}", "invalid_action", str(e)
         except HelperError as e:
@@ -356,14 +270,14 @@ class Env:
                                                                 memory_mb=self.memory_mb))
         return p
 
-    def _finish(self, p: _Pending) -> tuple[str, float, bool, dict[str, Any]]:
+    def _finish(self, p: Pending) -> tuple[str, float, bool, dict[str, Any]]:
         try:
             return self._end(p)
         except Exception as e:  # trusted side: the step is not recorded; the env needs reset()
             self._failed = f"{type(e).__name__}: {e}"[:300]
             raise
 
-    def _end(self, p: _Pending) -> tuple[str, float, bool, dict[str, Any]]:
+    def _end(self, p: Pending) -> tuple[str, float, bool, dict[str, Any]]:
         # Work on a copy (its history list is new) and commit it at the end: a failure half-way
         # leaves self.st as it was before this step's end.
         st, metric_before, info = dataclasses.replace(self.st, history=list(self.st.history)), self.st.metric, {}
@@ -392,7 +306,7 @@ class Env:
                     snapshot=st.snapshot, step=st.steps, truncated=truncated, timings=p.timings)
         return p.observation, r.value, st.done, info
 
-    def _over_cap(self, p: _Pending, st: EnvState, why: str) -> RewardBreakdown:
+    def _over_cap(self, p: Pending, st: EnvState, why: str) -> RewardBreakdown:
         """The workspace passed a cap: back to the step's start (files, undo stacks, scores)."""
         self._roll_back(st.snapshot)
         st.undo, st.metric, st.best, st.submission_sha = p.undo, self.st.metric, self.st.best, self.st.submission_sha
@@ -401,7 +315,7 @@ class Env:
         return step_reward("invalid_action", self.reward_cfg, metric_before=st.metric,
                            reason=f"workspace over a cap: {why}")
 
-    def _finish_run(self, p: _Pending, st: EnvState, info: dict[str, Any]) -> RewardBreakdown:
+    def _finish_run(self, p: Pending, st: EnvState, info: dict[str, Any]) -> RewardBreakdown:
         """Wait for a script run, contain what it left, map its cause to a reward, score the
         submission (a trusted copy of it) if it changed."""
         res = p.future.result()
@@ -410,7 +324,7 @@ class Env:
         info["run"] = {"script": p.script, "cause": res.cause, "exit_code": res.exit_code, "wall_s": res.wall_s,
                        "cpu_s": res.cpu_s, "peak_rss_mb": res.peak_rss_mb, "note": res.note}
         p.observation = self._run_observation(res)
-        sub = self._lstat(SUBMISSION)  # before sanitize, which removes a link or fifo put there
+        sub = _lstat(self, SUBMISSION)  # before sanitize, which removes a link or fifo put there
         t = time.perf_counter()
         p.changed = False  # snapshotted here, before scoring: an over-cap workspace is not scored
         try:
@@ -463,255 +377,6 @@ class Env:
             return f"The script failed (exit code {res.exit_code}). Output:\n{out}"
         return f"The script was killed ({res.cause}). Output so far:\n{out}"
 
-    # --- paths: agent-given names are checked here; every open goes through safefs ---
-    def _rel(self, rel: str, what: str, write: bool = False) -> str:
-        """The normalized workspace-relative form of an agent-given path; ActionError if it leaves
-        the workspace (absolute, '..') or, for a write, names the workspace or read-only task data."""
-        parts = [q for q in rel.strip().split("/") if q not in ("", ".")]
-        if not rel.strip() or "\x00" in rel:
-            raise ActionError(f"{what} is empty or invalid")
-        if rel.strip().startswith("/") or ".." in parts:
-            raise ActionError(f"{what} {safe_name(rel)!r} is outside the workspace: use a relative path "
-                              f"inside it (no leading '/', no '..')")
-        relp = "/".join(parts)
-        if write and not relp:
-            raise ActionError(f"{what} {safe_name(rel)!r} is a directory, not a file name")
-        if write and any(relp == r or relp.startswith(r + "/") for r in self.store.readonly):
-            raise ActionError(f"{what} {safe_name(rel)!r} is read-only (task data)")
-        return relp
-
-    def _lstat(self, rel: str) -> os.stat_result | None:
-        """lstat of rel in the workspace (never following a link on the way), None if missing."""
-        parent, _, name = rel.rpartition("/")
-        try:
-            fd = safefs.open_beneath(self.ws, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        try:
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        finally:
-            os.close(fd)
-
-    def _file(self, rel: str, what: str) -> str:
-        """rel of an existing regular file (not a link, fifo, device, directory)."""
-        relp = self._rel(rel, what)
-        st = self._lstat(relp)
-        if st is None:
-            raise ActionError(f"{what} {safe_name(rel)!r} does not exist")
-        if not stat.S_ISREG(st.st_mode):
-            raise ActionError(f"{what} {safe_name(rel)!r} is {_kind(st.st_mode)}, not a regular file")
-        return relp
-
-    def _target(self, rel: str, what: str) -> tuple[str, bool]:
-        """(rel of a file to write, whether it exists); ActionError for a directory, link or special."""
-        relp = self._rel(rel, what, write=True)
-        st = self._lstat(relp)
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise ActionError(f"{what} {safe_name(rel)!r} is {_kind(st.st_mode)}, not a file name to write")
-        return relp, st is not None
-
-    def _read_old(self, relp: str, exists: bool) -> bytes:
-        """The content of a file an edit replaces (b"" if new); ActionError above MAX_EDIT_BYTES."""
-        if not exists:
-            return b""
-        try:
-            return safefs.read_bytes(self.ws, relp, MAX_EDIT_BYTES, allow_links=True)
-        except UnsafePath as e:
-            raise ActionError(f"{e} (edits take files of at most {MAX_EDIT_BYTES} bytes)") from None
-
-    def _dir_fd(self, rel_dir: str) -> int:
-        """An fd of workspace directory rel_dir, made if missing, never through a link."""
-        fd = os.open(self.ws, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in [q for q in rel_dir.split("/") if q]:
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                try:
-                    nfd = os.open(part, _DIR, dir_fd=fd)
-                except OSError as e:
-                    raise ActionError(f"{safe_name(rel_dir)!r}: {safe_name(part)!r} is not a directory "
-                                      f"(a file or a link)") from None
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _write(self, relp: str, old: bytes, exists: bool, text: str) -> None:
-        """Replace a file (new inode), remembering its old content for Undo Edit Script."""
-        data = text.encode()  # fails (UnicodeError) before anything is written
-        self._replace(relp, data)
-        self.st.undo.setdefault(relp, []).append(self.store.put_bytes(old) if exists else None)
-
-    def _replace(self, relp: str, data: bytes) -> None:
-        """Write by replacing: a new file renamed over the old, never an in-place write."""
-        parent, _, name = relp.rpartition("/")
-        pfd = self._dir_fd(parent)
-        tmp = f".{name[:100]}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=pfd)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=pfd)
-                except OSError:
-                    pass
-                raise
-        finally:
-            os.close(pfd)
-
-    def _ask(self, prompt: str) -> str:
-        try:
-            return str(self.helper(prompt))
-        except Exception as e:  # any helper failure (HTTP, model) is not the agent's fault
-            raise HelperError(f"the helper model failed: {type(e).__name__}: {e}"[:500]) from None
-
-    # --- actions: each fills p.observation and sets p.changed / p.job; errors raise ActionError ---
-    def _do_list_files(self, p: _Pending, a: dict) -> None:
-        relp = self._rel(a["dir_path"] or ".", "dir_path")
-        try:
-            fd = safefs.open_beneath(self.ws, relp or ".", os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            raise ActionError(f"dir_path {safe_name(a['dir_path'])!r} is not a directory") from None
-        names, more = [], 0
-        try:
-            with os.scandir(fd) as it:  # names only: lstat-free, never following a link
-                for e in it:
-                    if len(names) >= MAX_LIST_NAMES:
-                        more += 1
-                        if more >= 100_000:
-                            break
-                        continue
-                    kind = "/" if e.is_dir(follow_symlinks=False) else "" if e.is_file(follow_symlinks=False) \
-                        else " [symbolic link]" if e.is_symlink() else " [not a regular file]"
-                    names.append(safe_name(e.name) + kind)
-        finally:
-            os.close(fd)
-        tail = f"\n[... and {more}{'+' if more >= 100_000 else ''} more entries]" if more else ""
-        p.observation = _cut("\n".join(sorted(names)) + tail or "(empty directory)")
-
-    def _do_copy_file(self, p: _Pending, a: dict) -> None:
-        src = self._file(a["source"], "source")
-        dst, _ = self._target(a["destination"], "destination")
-        parent = dst.rpartition("/")[0]
-        os.close(self._dir_fd(parent))  # make the destination's folders, as the edits do
-        safefs.copy_file(self.ws, src, dst, MAX_COPY_BYTES)
-        p.observation, p.changed = f"File {safe_name(src)} copied to {safe_name(dst)}.", True
-
-    def _do_undo_edit_script(self, p: _Pending, a: dict) -> None:
-        relp, exists = self._target(a["script_name"], "script_name")
-        stack = self.st.undo.get(relp)
-        if not stack:
-            raise ActionError(f"there is no edit of {safe_name(a['script_name'])!r} to undo")
-        old = stack[-1]
-        if old is None:  # the edit created the file
-            if exists:
-                parent = relp.rpartition("/")[0]
-                fd = safefs.open_beneath(self.ws, parent or ".", os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.unlink(relp.rpartition("/")[2], dir_fd=fd)
-                finally:
-                    os.close(fd)
-            p.observation = f"Undid the edit: {safe_name(relp)} did not exist before it and is removed."
-        else:
-            data = self.store.get_bytes(old)  # at most MAX_EDIT_BYTES: an edit read it with that cap
-            self._replace(relp, data)
-            p.observation = _cut(f"Undid the last edit. Content of {safe_name(relp)} now:\n"
-                                 f"{data.decode('utf-8', 'replace')}")
-        stack.pop()
-        p.changed = True
-
-    def _do_execute_script(self, p: _Pending, a: dict) -> None:
-        rel = self._file(a["script_name"], "script_name")
-        if not rel.endswith(".py"):
-            raise ActionError(f"script_name {safe_name(a['script_name'])!r} is not a python script (.py)")
-        ro = [self.ws / r for r in self.store.readonly if self._lstat(r) is not None]
-        p.script, p.changed = rel, True
-        p.job = dict(workspace=self.ws, script=rel, args=[], readonly=ro)
-
-    def _do_final_answer(self, p: _Pending, a: dict) -> None:
-        p.observation = "The episode has ended."
-
-    def _do_understand_file(self, p: _Pending, a: dict) -> None:
-        rel = self._file(a["file_name"], "file_name")
-        head, longer = safefs.read_head(self.ws, rel, 4 * MAX_READ_CHARS, allow_links=True)
-        text = head.decode("utf-8", "replace")
-        longer = longer or len(text) > MAX_READ_CHARS
-        note = f"\n[only the first {MAX_READ_CHARS} characters shown]" if longer else ""
-        prompt = (f"Read this file, {safe_name(rel)}:\n```\n{text[:MAX_READ_CHARS]}\n```{note}\n\n"
-                  f"Then describe the following, citing line content where useful, and say plainly when "
-                  f"something is not in the file: {a['things_to_look_for']}")
-        p.observation = _cut(self._ask(prompt))
-
-    def _do_inspect_script_lines(self, p: _Pending, a: dict) -> None:
-        rel = self._file(a["script_name"], "script_name")
-        start, end = a["start_line_number"], a["end_line_number"]
-        if start < 1 or end < start:
-            raise ActionError(f"need 1 <= start_line_number <= end_line_number, got {start} and {end}")
-        if end - start + 1 > MAX_INSPECT_LINES:
-            raise ActionError(f"at most {MAX_INSPECT_LINES} lines at a time; asked for {end - start + 1}")
-        head, longer = safefs.read_head(self.ws, rel, MAX_SCAN_BYTES, allow_links=True)
-        lines = head.decode("utf-8", "replace").splitlines()
-        if longer:  # the last line may be cut: only lines before it are known whole
-            lines = lines[:-1]
-            if end > len(lines):
-                raise ActionError(f"{safe_name(rel)} is too large to scan to line {end}: its first "
-                                  f"{MAX_SCAN_BYTES} bytes hold {len(lines)} whole lines")
-        if start > max(len(lines), 1):
-            raise ActionError(f"{safe_name(rel)} has only {len(lines)} lines")
-        count = f"more than {len(lines)}" if longer else str(len(lines))
-        shown = "\n".join(f"{i:4d} | {lines[i - 1]}" for i in range(start, min(end, len(lines)) + 1))
-        p.observation = _cut(f"Lines {start}-{min(end, len(lines))} of {safe_name(rel)} ({count} lines):\n{shown}")
-
-    def _do_edit_script_ai(self, p: _Pending, a: dict) -> None:
-        src, src_exists = self._target(a["script_name"], "script_name")
-        dst, dst_exists = self._target(a["save_name"], "save_name")
-        src_bytes = self._read_old(src, src_exists)
-        old = src_bytes.decode("utf-8", "replace")
-        base_bytes = src_bytes if dst == src else self._read_old(dst, dst_exists)
-        prompt = (f"Here is a python script, {safe_name(src)}:\n```python\n{old}\n```\n\n"
-                  f"Rewrite it following this instruction, and change nothing else:\n{a['edit_instruction']}\n\n"
-                  f"Answer with the complete new script in one ```python code block.")
-        new = _extract_code(self._ask(prompt))
-        self._write(dst, base_bytes, dst_exists, new)
-        p.observation, p.changed = (f"Saved {safe_name(dst)}. Diff:\n"
-                                    f"{_diff(base_bytes.decode('utf-8', 'replace'), new, safe_name(dst))}"), True
-
-    def _do_edit_script_segment(self, p: _Pending, a: dict) -> None:
-        src, src_exists = self._target(a["script_name"], "script_name")
-        dst, dst_exists = self._target(a.get("save_name") or a["script_name"], "save_name")
-        src_bytes = self._read_old(src, src_exists)
-        lines = src_bytes.decode("utf-8", "replace").splitlines(True)
-        start, end = a["start_line_number"], a["end_line_number"]
-        if not (1 <= start <= len(lines) + 1 and start - 1 <= end <= len(lines)):
-            raise ActionError(f"lines {start}-{end} are not a valid range of {safe_name(src)} ({len(lines)} "
-                              f"lines): need 1 <= start <= {len(lines) + 1} and start-1 <= end <= {len(lines)}")
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        seg = a["new_content"]
-        if seg and not seg.endswith("\n"):
-            seg += "\n"
-        new = "".join(lines[:start - 1]) + seg + "".join(lines[end:])
-        base_bytes = src_bytes if dst == src else self._read_old(dst, dst_exists)
-        self._write(dst, base_bytes, dst_exists, new)
-        p.observation, p.changed = (f"Saved {safe_name(dst)}. Diff:\n"
-                                    f"{_diff(base_bytes.decode('utf-8', 'replace'), new, safe_name(dst))}"), True
-
-
-    _ACT = {"List Files": _do_list_files, "Copy File": _do_copy_file, "Undo Edit Script": _do_undo_edit_script,
-            "Execute Script": _do_execute_script, "Final Answer": _do_final_answer,
-            "Understand File": _do_understand_file, "Inspect Script Lines": _do_inspect_script_lines,
-            "Edit Script (AI)": _do_edit_script_ai, "Edit Script Segment": _do_edit_script_segment}
-
 
 def step_many(envs: list[Env], responses: list[str]) -> list[tuple[str, float, bool, dict[str, Any]]]:
     """Step many environments at once: every script is submitted before any is waited for, so the
@@ -724,7 +389,7 @@ def step_many(envs: list[Env], responses: list[str]) -> list[tuple[str, float, b
         raise ValueError(f"step_many got {len(envs)} environments and {len(responses)} responses")
     if len({id(e) for e in envs}) != len(envs):
         raise ValueError("step_many got the same environment twice; step it in separate calls")
-    pending: list[_Pending | None] = []
+    pending: list[Pending | None] = []
     errors: dict[int, BaseException] = {}
     for i, (env, text) in enumerate(zip(envs, responses)):
         try:

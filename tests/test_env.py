@@ -416,15 +416,50 @@ def test_file_actions(task, pool, root):
        st.lists(st.sampled_from(["a\n", "b\n", "x\n"]), max_size=30))
 def test_diff_of_the_changed_region_equals_difflib(old, new):
     import difflib
-    from fastagent.env import _diff
+    from fastagent.env_actions import _diff
     a, b = "".join(old), "".join(new)
     ref = "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "a/f", "b/f"))
     assert _diff(a, b, "f") == (ref or "(no change)")
 
 
+def _apply_unified(old: list[str], diff: str) -> list[str]:
+    """old with a unified diff applied (hunks in order), to check a diff without comparing its text."""
+    import re
+    out, pos, lines = [], 0, diff.splitlines(True)[2:]
+    for line in lines:
+        m = re.match(r"@@ -(\d+)(?:,(\d+))? \+\d+(?:,\d+)? @@", line)
+        if m:
+            start = int(m[1]) - (0 if m[2] == "0" else 1)
+            out += old[pos:start]
+            pos = start
+        elif line[0] in " -":
+            assert old[pos] == line[1:], (pos, old[pos], line)
+            pos += 1
+            if line[0] == " ":
+                out.append(line[1:])
+        elif line[0] == "+":
+            out.append(line[1:])
+    return out + old[pos:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["a\n", "b\n", "c\n"]), min_size=1, max_size=20), st.integers(0, 2200),
+       st.lists(st.sampled_from(["a\n", "x\n"]), max_size=20))
+def test_diff_of_a_long_file_applies(edit_old, at, edit_new):
+    """Past MAX_DIFF_LINES the diff covers the changed region only; applied to the old text it must
+    give the new one exactly."""
+    from fastagent.env_actions import MAX_DIFF_LINES, _diff
+    base = [f"line {i}\n" for i in range(MAX_DIFF_LINES + 300)]
+    old = base[:at] + edit_old + base[at:]
+    new = base[:at] + edit_new + base[at:]
+    d = _diff("".join(old), "".join(new), "f")
+    assert d == "(no change)" if old == new else _apply_unified(old, d) == new
+
+
 def test_editing_a_large_file_diffs_only_the_edit(task, pool, root):
     env = make_env(task, pool, root)
-    env._replace("big.py", "".join(f"x_{i} = {i}\n" for i in range(60_000)).encode())  # 0.9 MB, 60,000 lines
+    from fastagent.env_actions import _replace
+    _replace(env, "big.py", "".join(f"x_{i} = {i}\n" for i in range(60_000)).encode())  # 0.9 MB, 60,000 lines
     o, r, _, info = env.step(turn("Edit Script Segment", script_name="big.py", start_line_number=50_000,
                                   end_line_number=50_000, new_content="changed = True"))
     assert info["reward"]["kind"] == "no_score" and "@@ -49997,7 +49997,7 @@" in o
