@@ -28,9 +28,9 @@ from fastagent.safefs import Caps, UnsafePath
 def impl(request, monkeypatch):
     """Run a test through openat2 and through the portable per-component walk."""
     if request.param == "openat-walk":
-        monkeypatch.setattr(safefs, "_have_openat2", False)
+        monkeypatch.setattr(safefs.files, "_have_openat2", False)
     else:
-        monkeypatch.setattr(safefs, "_have_openat2", None)
+        monkeypatch.setattr(safefs.files, "_have_openat2", None)
     return request.param
 
 
