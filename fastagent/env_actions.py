@@ -15,7 +15,6 @@ import difflib
 import os
 import re
 import stat
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,6 @@ MAX_EDIT_BYTES = 1 << 20  # largest file the edit actions (and Undo) read and re
 MAX_COPY_BYTES = safefs.Caps().max_file_bytes  # largest file Copy File copies
 MAX_SUBMISSION_BYTES = 64 << 20  # largest submission.csv that is scored
 MAX_LIST_NAMES = 1000  # names shown by List Files (the rest are counted)
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ActionError(Exception):
@@ -174,28 +172,6 @@ def _read_old(env, relp: str, exists: bool) -> bytes:
         raise ActionError(f"{e} (edits take files of at most {MAX_EDIT_BYTES} bytes)") from None
 
 
-def _dir_fd(env, rel_dir: str) -> int:
-    """An fd of workspace directory rel_dir, made if missing, never through a link."""
-    fd = os.open(env.ws, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in [q for q in rel_dir.split("/") if q]:
-            try:
-                os.mkdir(part, 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
-            try:
-                nfd = os.open(part, _DIR, dir_fd=fd)
-            except OSError:
-                raise ActionError(f"{safe_name(rel_dir)!r}: {safe_name(part)!r} is not a directory "
-                                  f"(a file or a link)") from None
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _write(env, relp: str, old: bytes, exists: bool, text: str) -> None:
     """Replace a file (new inode), remembering its old content for Undo Edit Script."""
     data = text.encode()  # fails (UnicodeError) before anything is written
@@ -204,25 +180,9 @@ def _write(env, relp: str, old: bytes, exists: bool, text: str) -> None:
 
 
 def _replace(env, relp: str, data: bytes) -> None:
-    """Write by replacing: a new file renamed over the old, never an in-place write."""
-    parent, _, name = relp.rpartition("/")
-    pfd = _dir_fd(env, parent)
-    tmp = f".{name[:100]}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                     dir_fd=pfd)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=pfd)
-            except OSError:
-                pass
-            raise
-    finally:
-        os.close(pfd)
+    """Write by replacing: a new file renamed over the old (its folders made if missing), never an
+    in-place write, never through a link."""
+    safefs.write_bytes(env.ws, relp, data, make_parents=True)
 
 
 def _ask(env, prompt: str) -> str:
@@ -263,7 +223,7 @@ def copy_file(env, p: Pending, a: dict) -> None:
     src = _file(env, a["source"], "source")
     dst, _ = _target(env, a["destination"], "destination")
     parent = dst.rpartition("/")[0]
-    os.close(_dir_fd(env, parent))  # make the destination's folders, as the edits do
+    safefs.makedirs(env.ws, parent)  # make the destination's folders, as the edits do
     safefs.copy_file(env.ws, src, dst, MAX_COPY_BYTES)
     p.observation, p.changed = f"File {safe_name(src)} copied to {safe_name(dst)}.", True
 

@@ -383,6 +383,30 @@ def write_from_fd(root: str | Path | int, dst_rel: str, src: int, max_bytes: int
     """Write the content of fd src (sparse-aware, capped) to dst_rel beneath root: a temporary
     file beside it renamed over it, so dst is replaced whole (a link there is replaced, not
     followed). Parents must be real directories; make_parents creates missing ones."""
+    _replace_at(root, dst_rel, lambda dfd: copy_fd_sparse(src, dfd, max_bytes, dst_rel), mode, make_parents)
+
+
+def write_bytes(root: str | Path | int, dst_rel: str, data: bytes, *, mode: int = 0o644,
+                make_parents: bool = False) -> None:
+    """Replace dst_rel beneath root by `data`, as write_from_fd does (never an in-place write,
+    never through a link)."""
+    _replace_at(root, dst_rel, lambda dfd: _write_all(dfd, data), mode, make_parents)
+
+
+def makedirs(root: str | Path | int, rel_dir: str) -> None:
+    """Create the missing directories of rel_dir beneath root; UnsafePath if a component is a link
+    or not a directory."""
+    os.close(_makedirs(root, _parts(rel_dir)))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace_at(root: str | Path | int, dst_rel: str, fill, mode: int, make_parents: bool) -> None:
+    """fill(fd) a new temporary file beside dst_rel, then rename it over dst_rel."""
     parts = _parts(dst_rel)
     if not parts:
         raise UnsafePath(f"{safe_name(dst_rel)!r} is not a file name: name the destination file")
@@ -395,7 +419,7 @@ def write_from_fd(root: str | Path | int, dst_rel: str, src: int, max_bytes: int
                       dir_fd=pfd)
         try:
             try:
-                copy_fd_sparse(src, dfd, max_bytes, dst_rel)
+                fill(dfd)
                 os.fchmod(dfd, mode & 0o777)
             finally:
                 os.close(dfd)

@@ -17,69 +17,20 @@ from fastagent.safefs.files import (_CLOEXEC, _DIR, _O_PATH, Caps, UnsafePath, _
                                     safe_name)
 
 
-def walk(root: str | Path | int, caps: Caps = Caps()) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
-    """(regular files with their lstat, empty dirs, rejected entries: symlinks, fifos, sockets,
-    devices), as relpaths under root, never following a link. Iterative over directory fds;
-    UnsafePath as soon as a cap is passed (entry count, depth, total bytes, one file's size)."""
-    files, empty, rejected = [], [], []
-    rfd, owned = _root_fd(root)
-    count = total = 0
-    stack = [("", 0)]
-    try:
-        while stack:
-            rel, depth = stack.pop()
-            fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY) if rel else os.dup(rfd)
-            n = 0
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        n += 1
-                        count += 1
-                        if count > caps.max_files:
-                            raise UnsafePath(f"the workspace has more than {caps.max_files} files and "
-                                             f"directories: delete some")
-                        sub = f"{rel}/{e.name}" if rel else e.name
-                        st = e.stat(follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode):
-                            if depth + 1 > caps.max_depth:
-                                raise UnsafePath(f"{safe_name(sub)!r} is nested more than "
-                                                 f"{caps.max_depth} directories deep: flatten it")
-                            stack.append((sub, depth + 1))
-                        elif stat.S_ISREG(st.st_mode):
-                            if st.st_size > caps.max_file_bytes:
-                                raise _too_big(sub, caps.max_file_bytes)
-                            total += st.st_size
-                            if total > caps.max_total_bytes:
-                                raise UnsafePath(f"the workspace holds more than {caps.max_total_bytes}"
-                                                 f" bytes of files: delete some")
-                            files.append((sub, st))
-                        else:
-                            rejected.append(sub)
-            finally:
-                os.close(fd)
-            if n == 0 and rel:
-                empty.append(rel)
-    finally:
-        if owned:
-            os.close(rfd)
-    return files, empty, rejected
-
-
-def sanitize(root: str | Path | int, caps: Caps = Caps()) -> list[str]:
-    """Make a tree safe to keep: remove every entry that is not a regular file or directory
-    (symlinks, fifos, sockets, devices) and strip setuid/setgid/sticky bits, never following a
-    link; returns the relpaths removed or changed. UnsafePath beyond caps (entry count, depth)."""
-    changed: list[str] = []
-    rfd, owned = _root_fd(root)
-    count = 0
-    stack = [("", 0)]
-    try:
-        _strip_bits(rfd, os.fstat(rfd), "", changed)
-        while stack:
-            rel, depth = stack.pop()
-            fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY) if rel else os.dup(rfd)
-            try:
-                for e in _entries(fd):
+def _bounded(rfd: int, caps: Caps):
+    """Every entry under directory fd rfd, depth first, never following a link: yields (fd of its
+    directory, entry, relpath, lstat), then (fd, None, relpath, None) once a directory is done
+    with the number of entries it had in place of the entry. Directories are descended after they
+    are yielded. UnsafePath as soon as the entry count or the depth passes its cap."""
+    count, stack = 0, [("", 0)]
+    while stack:
+        rel, depth = stack.pop()
+        fd = open_beneath(rfd, rel, os.O_RDONLY | os.O_DIRECTORY) if rel else os.dup(rfd)
+        n = 0
+        try:
+            with os.scandir(fd) as it:  # read lazily: a cap stops a huge directory early
+                for e in it:
+                    n += 1
                     count += 1
                     if count > caps.max_files:
                         raise UnsafePath(f"the workspace has more than {caps.max_files} files and "
@@ -91,24 +42,66 @@ def sanitize(root: str | Path | int, caps: Caps = Caps()) -> list[str]:
                             raise UnsafePath(f"{safe_name(sub)!r} is nested more than "
                                              f"{caps.max_depth} directories deep: flatten it")
                         stack.append((sub, depth + 1))
-                        _strip_at(fd, e.name, st, sub, changed, os.O_DIRECTORY)
-                    elif stat.S_ISREG(st.st_mode):
-                        _strip_at(fd, e.name, st, sub, changed, 0)
-                    else:
-                        os.unlink(e.name, dir_fd=fd)  # unlink never follows a link
-                        changed.append(sub)
-            finally:
-                os.close(fd)
+                    yield fd, e, sub, st
+            yield fd, None, rel, n
+        finally:
+            os.close(fd)
+
+
+def walk(root: str | Path | int, caps: Caps = Caps()) -> tuple[list[tuple[str, os.stat_result]], list[str], list[str]]:
+    """(regular files with their lstat, empty dirs, rejected entries: symlinks, fifos, sockets,
+    devices), as relpaths under root, never following a link. Iterative over directory fds;
+    UnsafePath as soon as a cap is passed (entry count, depth, total bytes, one file's size)."""
+    files, empty, rejected = [], [], []
+    rfd, owned = _root_fd(root)
+    total = 0
+    entries = _bounded(rfd, caps)
+    try:
+        for _, e, sub, st in entries:
+            if e is None:  # a directory done: st is its entry count
+                if st == 0 and sub:
+                    empty.append(sub)
+            elif stat.S_ISREG(st.st_mode):
+                if st.st_size > caps.max_file_bytes:
+                    raise _too_big(sub, caps.max_file_bytes)
+                total += st.st_size
+                if total > caps.max_total_bytes:
+                    raise UnsafePath(f"the workspace holds more than {caps.max_total_bytes}"
+                                     f" bytes of files: delete some")
+                files.append((sub, st))
+            elif not stat.S_ISDIR(st.st_mode):
+                rejected.append(sub)
     finally:
+        entries.close()  # closes the directory fds it holds, also on a raise
+        if owned:
+            os.close(rfd)
+    return files, empty, rejected
+
+
+def sanitize(root: str | Path | int, caps: Caps = Caps()) -> list[str]:
+    """Make a tree safe to keep: remove every entry that is not a regular file or directory
+    (symlinks, fifos, sockets, devices) and strip setuid/setgid/sticky bits, never following a
+    link; returns the relpaths removed or changed. UnsafePath beyond caps (entry count, depth)."""
+    changed: list[str] = []
+    rfd, owned = _root_fd(root)
+    entries = _bounded(rfd, caps)
+    try:
+        _strip_bits(rfd, os.fstat(rfd), "", changed)
+        for fd, e, sub, st in entries:
+            if e is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _strip_at(fd, e.name, st, sub, changed, os.O_DIRECTORY)
+            elif stat.S_ISREG(st.st_mode):
+                _strip_at(fd, e.name, st, sub, changed, 0)
+            else:
+                os.unlink(e.name, dir_fd=fd)  # unlink never follows a link
+                changed.append(sub)
+    finally:
+        entries.close()
         if owned:
             os.close(rfd)
     return changed
-
-
-def _entries(fd: int):
-    """The entries of dir fd, read lazily (a cap can stop a huge directory early)."""
-    with os.scandir(fd) as it:
-        yield from it
 
 
 def _strip_at(dirfd: int, name: str, st: os.stat_result, rel: str, changed: list[str], kind: int) -> None:
