@@ -46,11 +46,12 @@ def probe_step(cfg: Config, model, tokenizer, run_dir: Path, device: torch.devic
     from fastagent.chat import stop_token_ids, tokenize_chat
     from fastagent.env import Env
     from fastagent.sandbox import Pool
-    from fastagent.tasks import list_tasks
+    from fastagent.tasks import hide_paths, list_tasks
 
     task = list_tasks(cfg.train_tasks)[0]
     root = run_dir / "env"
-    with Pool(workers=cfg.workers, hide=[root]) as pool:  # packaged data is hidden by default
+    # packaged data is hidden by default; the task cache (answers) and what tasks list are added
+    with Pool(workers=cfg.workers, hide=[root, *hide_paths([task])]) as pool:
         env = Env(task, pool, root, seed=cfg.seed, cfg=cfg)
         env.reset()
         prompt, _ = tokenize_chat(tokenizer, env.messages(), add_generation_prompt=True)  # the ids SFT/RL use
