@@ -174,6 +174,33 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+ENV_VARS = {  # what the environment (not the Config) sets; shown by --help
+    "FASTAGENT_TASK_DIRS": "extra task folders (os.pathsep-separated; each a parent of task folders or a task "
+                           "folder): they join the bundled suite (see fastagent/tasks/README.md)",
+    "FASTAGENT_CACHE": "where converted models and C++ kernel builds are cached (default ~/.cache/fastagent)",
+    "FASTAGENT_KERNELS": "torch | cpp | triton: force one backend for the log-prob and fused lm_head ops",
+}
+
+
+def usage() -> str:
+    """The --help text: every field with its default and comment (read from this file), the
+    presets and the environment variables."""
+    import inspect
+    lines = ["usage: torchrun [--nproc_per_node=N] fastagent/train.py [--preset=NAME] [--config=FILE.toml] "
+             "[--field=value ...]", "", f"presets: {', '.join(PRESETS)} (default cpu)", "", "fields:"]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        line = line.strip()
+        if line.startswith("# ---"):
+            lines.append(f"  {line[2:]}")
+        elif ":" in line and "=" in line:
+            decl, _, comment = line.partition("  #")
+            name, _, default = decl.partition("=")
+            flag = f"  --{name.split(':')[0].strip()}={default.strip()}"
+            lines.append(f"{flag:<44} {comment.strip()}")
+    lines += ["", "environment:"] + [f"  {k}: {v}" for k, v in ENV_VARS.items()]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """Build a Config from `--preset=NAME`, `--config=FILE.toml` and `--field=value` arguments."""
     argv = sys.argv[1:] if argv is None else argv

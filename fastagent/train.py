@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fastagent import dist
-from fastagent.config import Config, ConfigError, parse_args
+from fastagent.config import Config, ConfigError, parse_args, usage
 from fastagent.log import Metrics, print0
 
 
@@ -74,6 +74,9 @@ def probe_step(cfg: Config, model, tokenizer, run_dir: Path, device: torch.devic
 
 
 def main(argv: list[str] | None = None) -> int:
+    if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        print(usage())
+        return 0
     try:
         cfg = parse_args(argv)
     except ConfigError as e:

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from dataclasses import fields
+
 from fastagent.config import PRESETS, Config, ConfigError, parse_args
 
 
@@ -70,3 +72,13 @@ def test_train_cli_reports_config_error_without_traceback():
     out = subprocess.run([sys.executable, "fastagent/train.py", "--rl_lrr=1"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "did you mean 'rl_lr'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_lists_every_field_and_the_environment(capsys):
+    from fastagent.config import ENV_VARS
+    from fastagent.train import main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for f in fields(Config):
+        assert f"--{f.name}=" in out, f.name
+    assert all(name in out for name in ENV_VARS) and "FASTAGENT_TASK_DIRS" in out
