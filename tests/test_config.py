@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
-
-from dataclasses import fields
 
 from fastagent.config import PRESETS, Config, ConfigError, parse_args
 
