@@ -33,6 +33,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import device_ms, peak_extra_bytes, status_kb  # noqa: E402
+
+
 PPO_CFG = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimator="k3",
                entropy_coef=0.01)
 
@@ -111,11 +115,6 @@ def bench_gae(quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------- K3 memory (fresh subprocesses)
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def _saved_bytes(step, inputs) -> int:
     """Bytes of tensors saved for backward that are not inputs (deduplicated by storage)."""
     input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
@@ -143,9 +142,9 @@ def mem_worker(variant: str, n: int, threads: int) -> dict:
     inputs[0].grad = inputs[5].grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     step()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return {"peak_extra_kb": peak - before, "saved_bytes": saved}
 
 
@@ -190,33 +189,6 @@ GAE_SHAPES, GAE_DRY = ((64, 2048), (1024, 8192)), ((2, 64), (3, 300))
 PPO_SIZES, PPO_DRY = (64 * 2048, 1 << 24), (2000, 5000)
 
 
-def _device_ms(fn, device: str) -> float:
-    """Median ms over CUDA-event timed runs on CUDA; elsewhere (the dry run) one perf_counter run."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _peak_extra_bytes(fn, device: str) -> int:
-    """Peak extra memory of one call: CUDA allocator on CUDA, resident-set growth (VmHWM) on CPU."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    rss0 = _status_kb("VmRSS")  # read after the reset: VmHWM >= rss0
-    fn()
-    return (_status_kb("VmHWM") - rss0) * 1024
-
-
 def bench_gae_gpu(shapes=GAE_SHAPES, peak_gbs: float = 4800.0, device: str = "cuda") -> dict:
     """Triton GAE: kernel time, achieved GB/s (reads r, v, mask; writes adv, ret) and its share of
     the HBM peak (H200: ~4800 GB/s); at the first shape also gae() vs the gae_ref loop."""
@@ -235,10 +207,10 @@ def bench_gae_gpu(shapes=GAE_SHAPES, peak_gbs: float = 4800.0, device: str = "cu
             err = max((adv.view(B, T) - adv_ref).abs().max().item(),
                       (ret.view(B, T) - ret_ref).abs().max().item())  # host sync
             assert err <= 1e-4, f"Triton GAE vs gae_ref: max error {err:.2e}"
-            ref_ms = _device_ms(lambda: gae_ref(r, v, m, gamma=0.99, lam=0.95), device)
-            op_ms = _device_ms(lambda: gae(r, v, m, gamma=0.99, lam=0.95), device)
+            ref_ms = device_ms(lambda: gae_ref(r, v, m, gamma=0.99, lam=0.95), device)
+            op_ms = device_ms(lambda: gae(r, v, m, gamma=0.99, lam=0.95), device)
             out[f"{key}_speedup_vs_loop"] = round(ref_ms / op_ms, 1)
-        ms = _device_ms(lambda: _gae_triton(*flat), device)
+        ms = device_ms(lambda: _gae_triton(*flat), device)
         gbs = B * T * (4 + 4 + 1 + 4 + 4) / (ms * 1e-3) / 1e9
         out.update({f"{key}_us": round(ms * 1e3, 1), f"{key}_gbs": float(f"{gbs:.4g}"),
                     f"{key}_hbm_frac": float(f"{gbs / peak_gbs:.3g}")})
@@ -263,7 +235,7 @@ def bench_ppo_gpu(sizes=PPO_SIZES, dtype=torch.float32, peak_gbs: float = 4800.0
         err = max((sums - sums_ref).abs().max().item(), (dlogp - dlogp_ref).abs().max().item())
         assert err <= 1e-4, f"Triton PPO forward vs torch: max error {err:.2e}"
         es = inputs[0].element_size()
-        fwd_ms = _device_ms(lambda: _ppo_fwd_triton(*flat, *consts), device)
+        fwd_ms = device_ms(lambda: _ppo_fwd_triton(*flat, *consts), device)
         gbs = n * (4 * es + 2 * 4 + es) / (fwd_ms * 1e-3) / 1e9
         key = f"ppo_gpu_{n}"
         out.update({f"{key}_fwd_us": round(fwd_ms * 1e3, 1), f"{key}_fwd_gbs": float(f"{gbs:.4g}"),
@@ -273,9 +245,9 @@ def bench_ppo_gpu(sizes=PPO_SIZES, dtype=torch.float32, peak_gbs: float = 4800.0
             t.requires_grad_()
         for variant in ("eager", "fused"):
             step = _ppo_step(variant, inputs)
-            times[variant] = _device_ms(step, device)
+            times[variant] = device_ms(step, device)
             inputs[0].grad = inputs[5].grad = None
-            peaks[variant] = _peak_extra_bytes(step, device)
+            peaks[variant] = peak_extra_bytes(step, device)
         out.update({f"{key}_speedup": round(times["eager"] / times["fused"], 2),
                     f"{key}_fused_fwd_bwd_us": round(times["fused"] * 1e3, 1),
                     f"{key}_mem_ratio": round(peaks["fused"] / max(peaks["eager"], 1), 3)})

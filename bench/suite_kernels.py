@@ -33,6 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import device_ms, peak_extra_bytes, status_kb  # noqa: E402
+
+
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ("naive", "fused_ce", "naive_fwd", "logprob_fwd", "naive_ppo", "fused_ppo")
 PPO_ARGS = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, entropy_coef=0.0)
@@ -81,11 +85,6 @@ def _run_once(step, no_grad: bool, params) -> None:
 
 
 # ---------------------------------------------------------------- memory (one variant per process)
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def mem_worker(variant: str, t: int, h: int, v: int, threads: int) -> dict:
     import torch
 
@@ -95,11 +94,11 @@ def mem_worker(variant: str, t: int, h: int, v: int, threads: int) -> dict:
     steps, params = _make_steps(t, h, v)
     del small
     gc.collect()
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
     _run_once(*steps[variant], params)
-    return {"peak_extra_bytes": (_status_kb("VmHWM") - rss0) * 1024}
+    return {"peak_extra_bytes": (status_kb("VmHWM") - rss0) * 1024}
 
 
 def _mem(variant: str, shape: tuple[int, int, int], threads: int) -> int:
@@ -177,42 +176,16 @@ DRY_SHAPES = dict(h=32, v=4500, tokens=(8, 24))  # V > VOCAB_BLOCK["cpu"]: two v
 TOL = {"bfloat16": 3e-2, "float32": 1e-4}  # max |err| / max(|ref|, 1), as in tests/test_logprob.py
 
 
-def _device_ms(fn, device: str) -> float:
-    """Median ms over CUDA-event timed runs on CUDA; elsewhere (the dry run) one perf_counter run."""
-    if device == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=2, rep=20, return_mode="median")
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def _peak_extra_bytes(fn, device: str) -> int:
-    """Peak extra memory of one call: CUDA allocator on CUDA, resident-set growth (VmHWM) on CPU."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    rss0 = _status_kb("VmRSS")  # read after the reset: VmHWM >= rss0
-    fn()
-    return (_status_kb("VmHWM") - rss0) * 1024
+def _ms(fn, device: str) -> float:
+    return device_ms(fn, device, warmup=2, rep=20)  # large shapes: fewer repeats
 
 
 def _step_stats(step, no_grad: bool, params, device: str) -> tuple[float, int]:
     """(ms per fwd(+bwd), peak extra bytes of one run)."""
-    ms = _device_ms(lambda: _run_once(step, no_grad, params), device)
+    ms = _ms(lambda: _run_once(step, no_grad, params), device)
     for p in params:
         p.grad = None  # grads of the timed runs are not part of this run's peak
-    return ms, _peak_extra_bytes(lambda: _run_once(step, no_grad, params), device)
+    return ms, peak_extra_bytes(lambda: _run_once(step, no_grad, params), device)
 
 
 def _rel_err(actual, expected) -> float:
@@ -265,8 +238,8 @@ def _row_pass_gbs(c: int, v: int, dtype, device: str) -> dict:
     assert err <= TOL[name], f"row_grad_ {name}: error {err:.2e} vs torch"
     # Timed: stats merges the block into the same state again (s doubles per call and may reach
     # inf), grad overwrites its own output: the values change, the memory traffic does not.
-    stats_ms = _device_ms(lambda: row_stats_(logits, labels, 0, v, 1.0, *state), device)
-    grad_ms = _device_ms(lambda: row_grad_(work, labels, 0, lse, ent, dlogp, dent, 1.0), device)
+    stats_ms = _ms(lambda: row_stats_(logits, labels, 0, v, 1.0, *state), device)
+    grad_ms = _ms(lambda: row_grad_(work, labels, 0, lse, ent, dlogp, dent, 1.0), device)
     nbytes = c * v * logits.element_size()
     return {f"row_stats_gbs_{name}": float(f"{nbytes / stats_ms / 1e6:.4g}"),  # 4 significant digits
             f"row_grad_gbs_{name}": float(f"{2 * nbytes / grad_ms / 1e6:.4g}")}
