@@ -256,8 +256,10 @@ def _describe(v: Any) -> str:
     """A short, printable description of an argument value (never a huge or recursive repr)."""
     if isinstance(v, _LongInt):
         return f"an integer of {len(v.lstrip('-'))} digits"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10 ** 40:
+        return "a huge int"  # str() of a huge one (e.g. a long hex literal) may even raise
     if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-        text = v if isinstance(v, str) else str(v) if not isinstance(v, int) or abs(v) < 10 ** 40 else "a huge int"
+        text = str(v)
         return f"{type(v).__name__} {ascii(text[:60])}" + ("..." if len(text) > 60 else "")
     return type(v).__name__
 

@@ -57,12 +57,12 @@ from fastagent.actions import ACTIONS, Parsed, ParseError, Turn, build_messages,
 from fastagent import safefs
 from fastagent.chat import scrub_text
 from fastagent.reward import RewardBreakdown, RewardConfig, run_kind, step_reward
-from fastagent.safefs import UnsafePath
+from fastagent.safefs import UnsafePath, kind_of
 from fastagent.sandbox import Limits
 from fastagent.tasks import materialize, score_submission, starter_score
 from fastagent.workspace import Store, file_sha256
 from fastagent.env_actions import (ACT, MAX_SUBMISSION_BYTES, SUBMISSION, ActionError, HelperError, Pending,
-                                  _cut, _kind, _lstat)
+                                  _cut, _lstat)
 
 Helper = Callable[[str], str]
 _INITIAL: dict[tuple[str, str], str] = {}  # (store root, pristine workspace) -> its snapshot id
@@ -343,7 +343,7 @@ class Env:
         scratch = Path(tempfile.mkdtemp(prefix=".score-", dir=self.root))
         try:
             if not stat.S_ISREG(sub.st_mode):
-                raise UnsafePath(f"{SUBMISSION!r} is {_kind(sub.st_mode)}: write a regular file")
+                raise UnsafePath(f"{SUBMISSION!r} is {kind_of(sub.st_mode)}: write a regular file")
             sha = safefs.copy_out(self.ws, SUBMISSION, scratch / SUBMISSION, MAX_SUBMISSION_BYTES)
             if sha == st.submission_sha:
                 return step_reward("no_score", cfg, metric_before=before, reason="submission unchanged")

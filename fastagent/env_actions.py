@@ -20,7 +20,7 @@ from typing import Any
 
 from fastagent import safefs
 from fastagent.actions import MAX_INSPECT_LINES, Parsed, ParseError
-from fastagent.safefs import UnsafePath, safe_name
+from fastagent.safefs import UnsafePath, kind_of, safe_name
 
 SUBMISSION = "submission.csv"
 MAX_OBS_CHARS = 6000  # longest observation returned by one action (head and tail kept)
@@ -61,13 +61,6 @@ def _cut(text: str, limit: int = MAX_OBS_CHARS) -> str:
         return text
     half = limit // 2
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters cut ...]\n{text[-half:]}"
-
-
-def _kind(mode: int) -> str:
-    """What a non-regular inode is, for an observation."""
-    return ("a directory" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else
-            "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
 
 
 MAX_DIFF_LINES = 2000  # difflib is superlinear: a changed region longer than this gets a summary
@@ -149,7 +142,7 @@ def _file(env, rel: str, what: str) -> str:
     if st is None:
         raise ActionError(f"{what} {safe_name(rel)!r} does not exist")
     if not stat.S_ISREG(st.st_mode):
-        raise ActionError(f"{what} {safe_name(rel)!r} is {_kind(st.st_mode)}, not a regular file")
+        raise ActionError(f"{what} {safe_name(rel)!r} is {kind_of(st.st_mode)}, not a regular file")
     return relp
 
 
@@ -158,7 +151,7 @@ def _target(env, rel: str, what: str) -> tuple[str, bool]:
     relp = _rel(env, rel, what, write=True)
     st = _lstat(env, relp)
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise ActionError(f"{what} {safe_name(rel)!r} is {_kind(st.st_mode)}, not a file name to write")
+        raise ActionError(f"{what} {safe_name(rel)!r} is {kind_of(st.st_mode)}, not a file name to write")
     return relp, st is not None
 
 

@@ -589,6 +589,36 @@ def test_setid_copies_of_a_shell_are_stripped_and_never_root_s(pool, layout):
         (ws / name).unlink()
 
 
+def test_handing_the_workspace_to_the_job_never_follows_a_link(pool, layout, tmp_path):
+    """Before each job the pool lchowns the workspace to the job's uid. Links in it (the Env
+    removes them after every run, but a caller may not) must not hand their targets over: a host
+    file and a host folder linked from the workspace keep their owner, and the job cannot write them."""
+    victim_dir = tmp_path / "host"
+    victim_dir.mkdir()
+    victim = victim_dir / "secret.txt"
+    victim.write_text("host\n")
+    ws = layout["ws"]
+    owners = {p: (p.stat().st_uid, p.stat().st_gid) for p in (victim, victim_dir)}  # root's here
+    os.symlink(victim, ws / "link_file")
+    os.symlink(victim_dir, ws / "link_dir")
+    try:
+        res = run(pool, ws, """
+            for p in ("link_file", "link_dir/secret.txt"):
+                try:
+                    open(p, "a").write("pwned")
+                    print("wrote", p)
+                except OSError as e:
+                    print("denied", p, type(e).__name__)
+            """)
+        assert "wrote" not in res.output, res.output
+        for path, owner in owners.items():
+            assert (path.stat().st_uid, path.stat().st_gid) == owner, path
+        assert victim.read_text() == "host\n"
+    finally:
+        for name in ("link_file", "link_dir"):
+            (ws / name).unlink()
+
+
 def test_setup_failures_raise_sandbox_error(pool, layout, tmp_path):
     """A workspace that vanished before its job started is the sandbox's failure, not the job's:
     the Future raises SandboxError instead of giving a Result billed to the agent."""

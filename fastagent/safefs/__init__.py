@@ -40,11 +40,11 @@ What is not guaranteed:
     pass allow_links=True for files the trusted side itself linked (read-only task data).
 """
 
-from fastagent.safefs.files import (Caps, UnsafePath, copy_fd_sparse, copy_file, copy_out, makedirs, open_beneath,
+from fastagent.safefs.files import (Caps, UnsafePath, copy_fd_sparse, copy_file, copy_out, kind_of, makedirs, open_beneath,
                                     open_regular, read_bytes, read_head, read_text, safe_name, write_bytes,
                                     write_from_fd)
 from fastagent.safefs.tree import remove_tree, sanitize, walk
 
-__all__ = ["Caps", "UnsafePath", "copy_fd_sparse", "copy_file", "copy_out", "open_beneath", "open_regular",
+__all__ = ["Caps", "UnsafePath", "copy_fd_sparse", "copy_file", "copy_out", "kind_of", "open_beneath", "open_regular",
            "makedirs", "read_bytes", "read_head", "read_text", "remove_tree", "safe_name", "sanitize", "walk",
            "write_bytes", "write_from_fd"]

@@ -206,7 +206,8 @@ def open_regular(root: str | Path | int, rel: str, *, allow_links: bool = False)
         raise
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a non-regular inode is, in words, for messages ("a symbolic link", "a named pipe", ...)."""
     for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
                        (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
@@ -217,7 +218,7 @@ def _kind(mode: int) -> str:
 
 def _check_regular(st: os.stat_result, rel: str, allow_links: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise UnsafePath(f"{safe_name(rel)!r} is {_kind(st.st_mode)}: write a regular file")
+        raise UnsafePath(f"{safe_name(rel)!r} is {kind_of(st.st_mode)}: write a regular file")
     if st.st_nlink != 1 and not allow_links:
         raise UnsafePath(f"{safe_name(rel)!r} is a hard link ({st.st_nlink} names for one file): "
                          f"write a regular file of its own")

@@ -154,10 +154,9 @@ from typing import Sequence
 
 from fastagent.sandbox import ownership
 from fastagent.sandbox import pool as _pool_loop
-from fastagent.sandbox.limits import CAUSES, Limits, Result, SandboxError
+from fastagent.sandbox.limits import CAUSES, NOBODY, Limits, Result, SandboxError
 
 __all__ = ["Pool", "Limits", "Result", "SandboxError", "CAUSES", "DEFAULT_PRELOAD"]
-NOBODY = 65534  # the host uid of every job when the pool runs as root
 
 DEFAULT_PRELOAD = ("numpy", "pandas", "scipy", "sklearn", "sklearn.linear_model", "sklearn.ensemble",
                    "sklearn.model_selection", "sklearn.metrics", "sklearn.preprocessing",

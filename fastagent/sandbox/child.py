@@ -25,13 +25,13 @@ import signal
 import socket
 
 from fastagent.sandbox import run as runner
+from fastagent.sandbox.limits import NOBODY
 from fastagent.sandbox import syscalls as ss
 
 STAGE = "/tmp"  # where the new root is assembled inside J's private mount namespace
 HIDDEN = "/dev/.hidden"  # mode-000 dir holding the empty file and dir bound over hidden paths
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 EXIT_SETUP = 126  # K could not set the job up (T learns why over the socket, never from this code)
-NOBODY = 65534
 
 
 def _makedirs(path: str, mode: int = 0o755) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+NOBODY = 65534  # the host uid of every job when the pool runs as root (never uid 0)
+
 # ok: exit 0. error: anything the job did to itself (exit code, exception, own signal, crash, file
 # too large, MemoryError without a measured memory exhaustion). timeout: the supervisor's own
 # wall-clock kill, or a CPU-limit kill with the tree's measured CPU >= Limits.cpu_s. oom: the

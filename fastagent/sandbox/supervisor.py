@@ -32,6 +32,7 @@ from fastagent.sandbox import child
 from fastagent.sandbox import ownership
 from fastagent.sandbox import run as runner
 from fastagent.sandbox import syscalls as ss
+from fastagent.sandbox.limits import NOBODY
 
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
                   signal.SIGSYS, signal.SIGTRAP}
@@ -321,7 +322,7 @@ class Supervisor:
             spec["tmpdir"] = spec["tmp_path"]
             os.mkdir(spec["tmpdir"], 0o700)
             if os.geteuid() == 0 and self.plan["uidmode"] == "nobody":  # the job runs as nobody
-                os.chown(spec["tmpdir"], child.NOBODY, child.NOBODY)
+                os.chown(spec["tmpdir"], NOBODY, NOBODY)
                 os.chmod(os.path.dirname(spec["tmpdir"]), 0o711)  # it may reach its own dir only
             spec["env"].update(TMPDIR=spec["tmpdir"], HOME=spec["tmpdir"])
         return send, layout, (out_r, err_r, mux_r)

@@ -30,6 +30,7 @@ from fastagent.sandbox import child
 from fastagent.sandbox import sitedata
 from fastagent.sandbox import supervisor
 from fastagent.sandbox import syscalls as ss
+from fastagent.sandbox.limits import NOBODY
 
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
 # Host secrets that stay covered even where /etc is visible (root-owned, readable by uid 0 jobs).
@@ -37,7 +38,6 @@ SECRET_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", 
                 "/etc/sudoers.d", "/etc/ssh", "/etc/ssl/private")
 # The job's own cgroup files (limits and OOM counts the trusted side reads) and the host's: hidden.
 HIDDEN_SYSTEM = ("/sys/fs/cgroup",)
-NOBODY = 65534
 
 
 def _under_any(path: str, bases) -> bool:
