@@ -275,36 +275,32 @@ def starter_score(task: Task, root: Path, seed: int, pool: Any) -> float:
     fails or writes a bad submission raises ValueError with its output tail.
     """
     root = Path(root)
-    workspace, answers = materialize(task, root, seed)
+    workspace, _ = materialize(task, root, seed)
     cache = workspace.parent / "starter.json"
     with open(workspace.parent / ".starter.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: also serialises threads of one process
         if cache.is_file():
             return float(json.loads(cache.read_text())["score"])
-        score, wall_s = _measure_starter(task, workspace, answers, root, seed, pool)
+        score, wall_s = _measure_starter(task, root, seed, pool)
         tmp = cache.with_name(f".starter-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
         tmp.write_text(json.dumps({"task": task.name, "seed": seed, "score": score, "wall_s": wall_s}) + "\n")
         os.replace(tmp, cache)  # atomic: a reader never sees half a file
     return score
 
 
-def _measure_starter(task: Task, workspace: Path, answers: Path, root: Path, seed: int,
-                     pool: Any) -> tuple[float, float]:
-    from ._check import run_script  # _check imports this module
+def _measure_starter(task: Task, root: Path, seed: int, pool: Any) -> tuple[float, float]:
+    from ._check import check_task  # _check imports this module
     prefix = f".starter-{task.name}-{seed}-"
     _remove_stale(root, prefix)
     scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
-    try:
-        ws = scratch / "workspace"
-        shutil.copytree(workspace, ws)
-        run = run_script(ws, "train.py", task.time_limit_s, pool)
+    try:  # check_task: a fresh copy of the pristine workspace, the run, the score
+        run = check_task(task, root, seed, scripts=("train.py",), scratch=scratch, pool=pool)[0]
         where = f"the starter of task {task.name!r} at seed {seed}"
+        if run.error:
+            raise ValueError(f"{where} wrote a bad submission: {run.error}\n{run.output[-2000:]}")
         if not run.ok:
             raise ValueError(f"{where} failed:\n{run.output[-2000:]}")
-        try:
-            score = score_submission(task, ws, answers)
-        except ValueError as e:
-            raise ValueError(f"{where} wrote a bad submission: {e}\n{run.output[-2000:]}") from None
+        score = run.score
         if not math.isfinite(score):
             raise ValueError(f"{where} scored {score}:\n{run.output[-2000:]}")
         return score, run.wall_s
