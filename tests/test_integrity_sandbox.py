@@ -61,6 +61,17 @@ FAKES = {
     "forged_oom_frame": ("import os, struct, sys\n"
                          "os.write(sys.stdout.buffer.raw.mux_fd, struct.pack('!BI', 0, 4) + b'oom\\n')\n"
                          "raise SystemExit(1)"),
+    # A forged status report on every socket the job holds: the job must hold none that T believes
+    # (K closes its J/T socket before the job's code runs), so this stays a failing script.
+    "forged_report_on_its_sockets": ("import json, os, socket\n"
+                                     "msg = json.dumps({'status': 0, 'cpu_s': 0.0, 'maxrss_kb': 0, 'started': 0}).encode()\n"
+                                     "for fd in map(int, os.listdir('/proc/self/fd')):\n"
+                                     "    try:\n"
+                                     "        socket.socket(fileno=os.dup(fd)).send(msg)\n"
+                                     "        print('sent on', fd)\n"
+                                     "    except OSError:\n"
+                                     "        pass\n"
+                                     "raise SystemExit(1)"),
     "giant_frame_length": ("import os, struct, sys\n"
                            "os.write(sys.stdout.buffer.raw.mux_fd, struct.pack('!BI', 1, 0xFFFFFFF0) + b'x' * 100)\n"
                            "raise SystemExit(1)"),
