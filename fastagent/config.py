@@ -43,15 +43,19 @@ class Config:
     step_timeout_s: float = 60.0  # wall-clock limit for one Execute Script
     step_memory_mb: int = 4096  # address-space limit for one Execute Script
     max_episode_steps: int = 12  # agent turns per full episode (expert runs, evaluation)
+    history_k: int = 3  # past steps shown in every prompt: expert data, SFT, RL and evaluation alike
     helper_model: str = "policy"  # Edit Script (AI) / Understand File: policy | http://host/v1 (OpenAI-compatible)
     # --- expert trajectories (exploration-enriched SFT data) ---
     expert: str = "scripted"  # scripted | http://host/v1 (OpenAI-compatible teacher)
+    teacher_model: str = "default"  # model name sent to an OpenAI-compatible teacher endpoint
+    expert_data: str = ""  # a trajectory file to train SFT on (empty: generate into run_dir/expert/)
     num_ideas: int = 100  # candidate improvement ideas generated per task
     num_diverse_ideas: int = 10  # ideas kept per task by embedding distance
     expert_episodes: int = 8  # expert episodes per training task
     # --- SFT ---
     sft_lr: float = 2e-5  # peak learning rate, cosine decay
     sft_epochs: int = 2  # passes over the expert trajectories
+    sft_max_steps: int = 0  # stop SFT after this many optimizer steps (0: run every epoch)
     batch_size: int = 64  # sequences per optimizer step (global, over ranks and accumulation)
     micro_batch_size: int = 4  # sequences per forward/backward per rank
     warmup_ratio: float = 0.03  # fraction of optimizer steps with linear warmup
