@@ -16,7 +16,7 @@ Backends (embed):
   file lock, with fastagent.model's builder) and loaded with transformers. Pooling as
   sentence-transformers does for this model (modules.json: Transformer -> mean Pooling -> Normalize):
   mean of the last hidden states over the attention mask, inputs cut at 256 tokens, then L2.
-  Matches sentence-transformers within 1e-6 (tests/test_diversity.py pins its values). No network.
+  Matches sentence-transformers 6.2 (identical here; tests/test_diversity.py pins its values). No network.
 - `tfidf`: scikit-learn TfidfVectorizer (word 1- and 2-grams, sublinear tf) fitted on the sentences
   given, rows L2-normalised. Sees shared words only, not meaning; a sentence without a word of two or
   more characters gets a zero row (cosine distance 1 to everything).
