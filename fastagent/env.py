@@ -138,7 +138,7 @@ class Env:
 
     def __init__(self, task: Any, pool: Any, root: Path | str, *, seed: int = 0, cfg: Any = None,
                  reward: RewardConfig | None = None, helper: Helper | str | None = None,
-                 store: Store | None = None, history_k: int = 3, time_limit_s: float | None = None,
+                 store: Store | None = None, history_k: int | None = None, time_limit_s: float | None = None,
                  max_steps: int | None = None) -> None:
         self.task, self.pool, self.root, self.seed = task, pool, Path(root), seed
         self.reward_cfg = reward or (RewardConfig.from_config(cfg) if cfg is not None else RewardConfig())
@@ -149,7 +149,7 @@ class Env:
             helper = http_helper(helper)
         self.helper = helper
         self.actions = [n for n, s in ACTIONS.items() if helper is not None or not s.needs_helper]
-        self.history_k = history_k
+        self.history_k = history_k if history_k is not None else (cfg.history_k if cfg is not None else 3)
         # A run's wall limit: the smallest of the task's time_limit_s, cfg.step_timeout_s and the
         # time_limit_s argument (each where given); 60 s when none is.
         caps = [float(c) for c in (time_limit_s, getattr(task, "time_limit_s", None),
@@ -281,6 +281,7 @@ class Env:
         # Work on a copy (its history list is new) and commit it at the end: a failure half-way
         # leaves self.st as it was before this step's end.
         st, metric_before, info = dataclasses.replace(self.st, history=list(self.st.history)), self.st.metric, {}
+        info["snapshot_before"] = self.st.snapshot  # the state this step started from (StepRecord.snapshot)
         if p.future is not None:
             r = self._finish_run(p, st, info)
         else:
@@ -303,7 +304,7 @@ class Env:
         p.timings["total_s"] = time.perf_counter() - p.t0
         info.update(action=action, args=p.parsed.args if action else None,
                     sections=p.parsed.sections, reward=r.as_dict(), metric=st.metric, best=st.best,
-                    snapshot=st.snapshot, step=st.steps, truncated=truncated, timings=p.timings)
+                    snapshot_after=st.snapshot, step=st.steps, truncated=truncated, timings=p.timings)
         return p.observation, r.value, st.done, info
 
     def _over_cap(self, p: Pending, st: EnvState, why: str) -> RewardBreakdown:

@@ -524,7 +524,7 @@ def test_snapshots_and_resume_from_state(task, pool, root):
     env = make_env(task, pool, root)
     s0 = env.state()
     _, _, _, info = env.step(turn("List Files", dir_path="."))
-    assert info["snapshot"] == s0.snapshot  # nothing changed, nothing new stored
+    assert info["snapshot_after"] == info["snapshot_before"] == s0.snapshot  # nothing changed, nothing new stored
     env.step(turn("Edit Script Segment", script_name="train.py", start_line_number=4, end_line_number=4,
                   new_content="pred = 6.0"))
     _, _, _, info = env.step(turn("Execute Script", script_name="train.py"))

@@ -8,3 +8,9 @@ Modules:
     scripted   the scripted expert: real edits, real runs in the sandbox pool, real scores
     __main__   `python -m fastagent.expert`: N episodes in parallel, resumable, summary, ShareGPT export
 """
+
+
+def generate_expert_data(cfg, out_path, **kwargs):
+    """Run the scripted expert into a trajectory file (see fastagent.expert.generate); resumes."""
+    from fastagent.expert.generate import generate_expert_data as run
+    return run(cfg, out_path, **kwargs)
