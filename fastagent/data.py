@@ -305,3 +305,96 @@ def import_sharegpt(path: str | Path) -> list[StepRecord]:
     if not isinstance(samples, list):
         raise ValueError(f"{path}: expected a JSON list of ShareGPT samples, got {type(samples).__name__}")
     return from_sharegpt(samples)
+
+
+# ---------------------------------------------------------------- SFT samples and batches
+# One SFT sample per step: the prompt exactly as the policy saw it (already windowed to the last
+# history_k steps), then the expert's turn. Only that last turn is a target; earlier assistant turns
+# in the prompt are context (each is trained as its own step's sample). So the sample's ids start
+# with the RL/eval prompt's ids: tokenize_chat(tok, prompt, add_generation_prompt=True).
+# numpy and torch are imported inside the functions: the store above must stay light to import.
+
+from fastagent.chat import tokenize_chat  # noqa: E402
+
+def sft_sample(tokenizer: Any, record: StepRecord) -> tuple[list[int], list[int]]:
+    """(ids, mask) of one step; mask is 1 on the last assistant turn (content + <|endoftext|>) only."""
+    ids, mask = tokenize_chat(tokenizer, [*record.prompt, {"role": "assistant", "content": record.response}])
+    end = len(mask)
+    while end and not mask[end - 1]:  # the turn's closing <|im_end|>\n
+        end -= 1
+    start = end
+    while start and mask[start - 1]:  # back to the start of the last trained run: the response
+        start -= 1
+    return ids, [0] * start + [1] * (end - start) + [0] * (len(mask) - end)
+
+
+def sft_samples(records: Iterable[StepRecord], tokenizer: Any,
+                max_seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(samples, n_dropped): one (ids, mask) per record; a sample longer than max_seq_len is dropped
+    and counted, never cut (a cut prompt would differ from what the policy saw)."""
+    samples, dropped = [], 0
+    for r in records:
+        ids, mask = sft_sample(tokenizer, r)
+        if len(ids) > max_seq_len:
+            dropped += 1
+        else:
+            samples.append((ids, mask))
+    return samples, dropped
+
+
+def sft_steps_per_epoch(n_samples: int, batch_size: int) -> int:
+    """Optimizer steps per pass over n_samples (the last batch is filled from the epoch's start)."""
+    return -(-n_samples // batch_size)
+
+
+def sft_batch(lengths: list[int], batch_size: int, micro_batch_size: int, world: int, rank: int,
+              seed: int, epoch: int, step: int) -> tuple[list[int], list[list[int]]]:
+    """(the step's global sample indices, this rank's micro-batches of indices), deterministic in
+    (seed, epoch, step), so a resumed run needs only the cursor.
+
+    Each epoch is one permutation of the samples (seeded by (seed, epoch)); step s takes
+    batch_size of it (the last batch wraps around to the permutation's start). Inside the step the
+    samples are sorted by length and cut into groups of world * micro_batch_size; group j is
+    micro-batch j on every rank (rank r takes every world-th sample of it), so micro-batches hold
+    similar lengths (little padding) and every rank runs the same number of forward/backward passes
+    on about the same number of tokens (FSDP's collectives run in lockstep)."""
+    import numpy as np
+
+    n = len(lengths)
+    if batch_size % (world * micro_batch_size):
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of world size x micro_batch_size "
+                         f"({world} x {micro_batch_size})")
+    perm = np.random.default_rng((seed, epoch)).permutation(n)
+    take = [int(perm[(step * batch_size + i) % n]) for i in range(batch_size)]
+    ordered = sorted(take, key=lambda i: (lengths[i], i))
+    group = world * micro_batch_size
+    micro = [ordered[g:g + group][rank::world] for g in range(0, batch_size, group)]
+    return take, micro
+
+
+def sft_collate(samples: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int) -> dict[str, Any]:
+    """One micro-batch, right-padded to its longest sample.
+
+    input_ids, labels (B, T) int64 (labels = ids where trained, -100 elsewhere: what HF's loss
+    takes); attention_mask (B, T) or None when no sample is padded (sdpa's causal fast path);
+    rows (N,) flat indices b * T + t of the positions whose NEXT token is trained and targets (N,)
+    those tokens: the only hidden states the loss needs; n_tokens, n_trained (host ints)."""
+    import torch
+
+    seqs = [samples[i] for i in idx]
+    t = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    attn = torch.zeros((len(seqs), t), dtype=torch.long)
+    rows: list[int] = []
+    for b, (ids, mask) in enumerate(seqs):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        m = torch.tensor(mask, dtype=torch.bool)
+        labels[b, : len(ids)] = torch.where(m, torch.tensor(ids), -100)
+        attn[b, : len(ids)] = 1
+        rows += [b * t + i - 1 for i in range(1, len(ids)) if mask[i]]
+    rows_t = torch.tensor(rows, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels,
+            "attention_mask": None if bool(attn.all()) else attn,
+            "rows": rows_t, "targets": input_ids.view(-1)[rows_t + 1],
+            "n_tokens": sum(len(ids) for ids, _ in seqs), "n_trained": len(rows)}
