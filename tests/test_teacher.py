@@ -187,7 +187,8 @@ def send(status: int, body: bytes | str, delay: float = 0.0, headers: dict | Non
     def reply(h: BaseHTTPRequestHandler):
         time.sleep(delay)
         h.send_response(status)
-        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+        all_headers = {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}
+        for k, v in all_headers.items():
             h.send_header(k, v)
         h.end_headers()
         h.wfile.write(data)
@@ -341,6 +342,8 @@ def test_bad_settings_and_urls():
         chat_completion("http://127.0.0.1:1/v1", HELLO, retries=-1)
     with pytest.raises(ValueError, match="max_tokens"):
         chat_completion("http://127.0.0.1:1/v1", HELLO, max_tokens=0)
+    with pytest.raises(ValueError, match="must start with http"):
+        chat_completion("localhost:8000/v1", HELLO)
     with pytest.raises(ValueError, match="not http"):
         Teacher.from_url("localhost:8000")
     assert Teacher.from_url("http://h:8000").base_url == "http://h:8000/v1"

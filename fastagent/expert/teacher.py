@@ -28,8 +28,9 @@ stop string (in case the server ignored `stop`).
 Not guaranteed: the quality of what the teacher writes (TeacherExpert retries a reply that does not
 parse once, then returns whatever the second reply is); that `seed` makes replies reproducible
 (servers may ignore it); a hard bound on one attempt's time against a hostile server: timeout_s
-bounds the connection, each read, and the body as a whole, but a server that drips its headers a
-byte at a time can stretch one attempt beyond it. No streaming, no tool calls, no batching.
+bounds the connection and each read, and reading the body stops once timeout_s has passed (so an
+attempt takes at most about 2 x timeout_s), but a server that drips its status line and headers a
+byte at a time can stretch one attempt further. No streaming, no tool calls, no batching.
 """
 
 from __future__ import annotations
@@ -235,6 +236,9 @@ def chat_completion(base_url: str, messages: list[dict[str, str]], *, model: str
     settings that make no sense.
     """
     _check_settings(max_tokens, timeout_s, retries, backoff_s)
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"teacher URL {base_url!r} must start with http:// or https://, "
+                         f"e.g. http://localhost:8000/v1")
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -278,7 +282,8 @@ class Teacher:
         and /v1 is added to a URL with no path (http://host:8000)."""
         parts = urllib.parse.urlsplit(url.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"teacher URL {url!r} is not http(s)://host[:port]/path, e.g. http://localhost:8000/v1")
+            raise ValueError(f"teacher URL {url!r} is not http(s)://host[:port]/path, "
+                             f"e.g. http://localhost:8000/v1")
         path = parts.path.rstrip("/")
         path = path[:-len("/chat/completions")] if path.endswith("/chat/completions") else path
         base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path or "/v1", parts.query, ""))
