@@ -77,13 +77,17 @@ def idea_pool(tasks: list, root: Path, cfg: Any) -> dict[str, dict[str, Any]]:
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(pools, indent=1))
     os.replace(tmp, cache)
-    return pools
+    return json.loads(cache.read_text())  # a fresh run and a resumed one read ideas the same way
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _idea(entry: list) -> Idea:
+    """An Idea back from its JSON form (lists become the tuples they were: (64,) stays a tuple)."""
     text, kind, params = entry
-    return Idea(text, kind, tuple((k, tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                   if isinstance(v, list) else v) for k, v in params))
+    return Idea(text, kind, tuple((k, _tuples(v)) for k, v in params))
 
 
 def run_episode(env: Any, expert: ScriptedExpert, episode: str, meta: dict[str, Any]) -> list[StepRecord]:
@@ -94,6 +98,8 @@ def run_episode(env: Any, expert: ScriptedExpert, episode: str, meta: dict[str, 
     turn, done = next(turns), False
     while not done:
         prompt = env.messages()
+        state = env.state().to_dict()
+        state.pop("history")  # the earlier steps' records hold it (state_of rebuilds it)
         obs, reward, done, info = env.step(turn.text)
         r = info["reward"]
         records.append(StepRecord(
@@ -101,7 +107,7 @@ def run_episode(env: Any, expert: ScriptedExpert, episode: str, meta: dict[str, 
             action={"name": info["action"], "args": info["args"]} if info["action"] else {},
             observation=obs, reward=reward, reward_parts=r, metric_before=r.get("metric_before"),
             metric_after=r.get("metric_after"), snapshot=info["snapshot_before"], timings=info["timings"],
-            source="expert", meta={**meta, "tags": turn.tags, "snapshot_after": info["snapshot_after"],
+            source="expert", meta={**meta, "tags": turn.tags, "state": state, "snapshot_after": info["snapshot_after"],
                                    "best": info["best"], "start_metric": env.start_metric}))
         if done:
             break
@@ -111,6 +117,14 @@ def run_episode(env: Any, expert: ScriptedExpert, episode: str, meta: dict[str, 
             break
     records[-1].meta["last"] = True
     return records
+
+
+def state_of(record: StepRecord, earlier: list[StepRecord]) -> dict[str, Any]:
+    """The full EnvState (as a dict, for Env.reset(state=...)) a recorded step started from; earlier:
+    the same episode's records before it, in order (their responses and observations are its history)."""
+    state = dict(record.meta["state"])
+    state["history"] = [[r.response, r.observation] for r in earlier]
+    return state
 
 
 def generate_expert_data(cfg: Any, out_path: Path, episodes: int | None = None, purpose: str = "train",

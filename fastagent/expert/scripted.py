@@ -56,8 +56,10 @@ def response(reflection: str, plan: str, facts: str, thought: str, action: str, 
 class ScriptedExpert:
     """One episode's expert (see the module docstring)."""
 
-    def __init__(self, task: Any, ideas: list[Idea], seed: int, max_steps: int = 12) -> None:
+    def __init__(self, task: Any, ideas: list[Idea], seed: int, max_steps: int = 12, p_forget: float = 0.25,
+                 p_typo: float = 0.12) -> None:
         self.task, self.ideas, self.max_steps = task, ideas, max_steps
+        self.p_forget, self.p_typo = p_forget, p_typo  # how often it forgets an import / mistypes an argument
         self.rng = random.Random(seed)
         self.sign = 1 if task.direction == "max" else -1
         self.lines: list[str] = []  # the script as the expert believes it is
@@ -177,8 +179,8 @@ class ScriptedExpert:
         if e is None:
             self.status[i] += " [skipped: does not apply to the script as it is]"
             return last + " The next idea does not fit the script as it is now, so I skip it."
-        forget = bool(e.imports) and self.rng.random() < 0.25
-        typo = next((w for w in _TYPOS if f"{w}=" in e.new_content), None) if self.rng.random() < 0.12 else None
+        forget = bool(e.imports) and self.rng.random() < self.p_forget
+        typo = next((w for w in _TYPOS if f"{w}=" in e.new_content), None) if self.rng.random() < self.p_typo else None
         edits = 0
         if e.imports and not forget and self.rng.random() < 0.5:  # imports first, then the change
             obs = yield self._turn(last, f"To try '{idea.text}' the script needs {', '.join(e.imports)}; add them "
