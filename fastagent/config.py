@@ -44,6 +44,7 @@ class Config:
     step_memory_mb: int = 4096  # address-space limit for one Execute Script
     max_episode_steps: int = 12  # agent turns per full episode (expert runs, evaluation)
     history_k: int = 3  # past steps shown in every prompt: expert data, SFT, RL and evaluation alike
+    max_obs_chars: int = 4000  # characters of each past observation kept in prompts (the middle is cut)
     helper_model: str = "policy"  # Edit Script (AI) / Understand File: policy | http://host/v1 (OpenAI-compatible)
     # --- expert trajectories (exploration-enriched SFT data) ---
     expert: str = "scripted"  # scripted | http://host/v1 (OpenAI-compatible teacher)
@@ -105,7 +106,7 @@ def smoke() -> Config:
 
 def cpu() -> Config:
     """SmolLM2-135M-Instruct on a 2-core CPU machine: the default."""
-    return Config(run_dir="runs/cpu", max_seq_len=2048, expert_episodes=4, batch_size=8,
+    return Config(run_dir="runs/cpu", max_seq_len=2048, history_k=1, max_obs_chars=1500, expert_episodes=4, batch_size=8,
                   micro_batch_size=2, sft_lr=5e-5, rl_steps=20, states_per_step=4,
                   samples_per_state=4, max_new_tokens=256, rl_lr=2e-6)
 

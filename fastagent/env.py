@@ -150,6 +150,7 @@ class Env:
         self.helper = helper
         self.actions = [n for n, s in ACTIONS.items() if helper is not None or not s.needs_helper]
         self.history_k = history_k if history_k is not None else (cfg.history_k if cfg is not None else 3)
+        self.max_obs_chars = cfg.max_obs_chars if cfg is not None else 4000
         # A run's wall limit: the smallest of the task's time_limit_s, cfg.step_timeout_s and the
         # time_limit_s argument (each where given); 60 s when none is.
         caps = [float(c) for c in (time_limit_s, getattr(task, "time_limit_s", None),
@@ -208,7 +209,8 @@ class Env:
     def messages(self) -> list[dict[str, str]]:
         """The chat messages the policy sees for its next turn (last history_k steps kept)."""
         self._need_reset()
-        return build_messages(self.task.description, self.st.history, k=self.history_k, names=self.actions)
+        return build_messages(self.task.description, self.st.history, k=self.history_k, names=self.actions,
+                              max_obs_chars=self.max_obs_chars)
 
     def close(self) -> None:
         """Delete the episode's workspace directory, whatever the agent left in it (its snapshots

@@ -119,6 +119,11 @@ def run_episode(env: Any, expert: ScriptedExpert, episode: str, meta: dict[str, 
     return records
 
 
+def store_of(traj_path: str | Path) -> Path:
+    """The snapshot store that generate_expert_data(cfg, traj_path) recorded its states in."""
+    return Path(traj_path).parent / "env" / "store"
+
+
 def state_of(record: StepRecord, earlier: list[StepRecord]) -> dict[str, Any]:
     """The full EnvState (as a dict, for Env.reset(state=...)) a recorded step started from; earlier:
     the same episode's records before it, in order (their responses and observations are its history)."""
@@ -154,7 +159,7 @@ def generate_expert_data(cfg: Any, out_path: Path, episodes: int | None = None, 
     pools = idea_pool(chosen, root, cfg)
     t0 = time.time()
     lock = threading.Lock()
-    env_root = root / "env"
+    env_root = store_of(out_path).parent
     with Pool(workers=cfg.workers, hide=[root, *hide_paths(chosen)]) as pool, \
             TrajectoryWriter(out_path) as writer:
         envs_free: dict[str, list] = defaultdict(list)
