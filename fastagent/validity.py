@@ -113,10 +113,6 @@ def measure_validity(model: Any, tok: Any, states: list[tuple[StepRecord, dict]]
     """Sample turns from each state, parse and execute them; return the rates (see the module docstring).
     store_root: the snapshot store the states were recorded in (fastagent.expert.generate.store_of).
     model_dir: the model's HF folder; with it and vLLM installed, vLLM samples (else HF generate)."""
-    from fastagent.env import Env
-    from fastagent.tasks import get_task
-    from fastagent.workspace import Store
-    store = Store(store_root)
     t0 = time.perf_counter()
     prompts = [r.prompt for r, _ in states]
     engine = "vllm" if model_dir is not None and importlib.util.find_spec("vllm") else "hf"
@@ -130,6 +126,19 @@ def measure_validity(model: Any, tok: Any, states: list[tuple[StepRecord, dict]]
                                          cfg.max_seq_len, seed=seed)
         model.train(was_training)
     gen_s = time.perf_counter() - t0
+    res = judge_turns(states, texts, pool, env_root, cfg, store_root)
+    res.update(engine=engine, new_tokens=new_tokens, gen_s=gen_s, gen_tokens_per_s=new_tokens / max(gen_s, 1e-9),
+               wall_s=time.perf_counter() - t0, example=texts[0][0][:600] if texts and texts[0] else "")
+    return res
+
+
+def judge_turns(states: list[tuple[StepRecord, dict]], texts: list[list[str]], pool: Any, env_root: Path,
+                cfg: Any, store_root: Path) -> dict[str, Any]:
+    """Parse each state's turns and execute them from that state (real Env + Pool); the rates."""
+    from fastagent.env import Env
+    from fastagent.tasks import get_task
+    from fastagent.workspace import Store
+    store = Store(store_root)
     envs: dict[str, Env] = {}
     kinds: Counter = Counter()
     valid = executes = 0
@@ -151,9 +160,7 @@ def measure_validity(model: Any, tok: Any, states: list[tuple[StepRecord, dict]]
         env.close()
     n = max(len(rewards), 1)
     return {"states": len(states), "samples": len(rewards), "valid_rate": valid / n, "execute_rate": executes / n,
-            "mean_reward": sum(rewards) / n, "reward_kinds": dict(kinds), "new_tokens": new_tokens,
-            "engine": engine, "gen_s": gen_s, "gen_tokens_per_s": new_tokens / max(gen_s, 1e-9), "wall_s": time.perf_counter() - t0,
-            "example": texts[0][0][:600] if texts and texts[0] else ""}
+            "mean_reward": sum(rewards) / n, "reward_kinds": dict(kinds)}
 
 
 def main(argv: list[str] | None = None) -> int:
