@@ -153,6 +153,25 @@ def test_real_teacher_expert_retries_unparsable_reply(vllm_url):
     assert "could not be parsed" in calls[1][-1]["content"]
 
 
+def test_real_teacher_episodes_through_the_expert_command(vllm_url, tmp_path):
+    """--expert=URL: the teacher writes every turn of real episodes (Env + Pool), recorded with the
+    policy's own prompt (no ideas in it) and marked with the teacher's URL and model."""
+    from dataclasses import replace
+    from fastagent.config import smoke
+    from fastagent.data import read_records
+    from fastagent.expert import generate_expert_data
+    cfg = replace(smoke(), expert=vllm_url, teacher_model="default", train_tasks="digits", max_episode_steps=2,
+                  history_k=1, max_obs_chars=300, max_new_tokens=32,
+                  num_diverse_ideas=2)
+    recs = read_records(generate_expert_data(cfg, tmp_path / "t.traj", episodes=1))
+    assert [r.step for r in recs] == [0, 1] and recs[-1].meta["last"]
+    assert recs[0].meta["expert"] == f"{vllm_url}#default" and recs[0].meta["ideas"]
+    assert all(idea not in m["content"] for r in recs for m in r.prompt for idea in r.meta["ideas"])
+    assert all(r.reward_parts["kind"] == "format_error" for r in recs)  # a random model writes no action
+    with pytest.raises(TeacherError, match="404|not served|default2"):
+        generate_expert_data(replace(cfg, teacher_model="default2"), tmp_path / "u.traj", episodes=1)
+
+
 # ----------------------------------------------------------------------------- local fakes for failures
 
 class _FakeHandler(BaseHTTPRequestHandler):

@@ -35,7 +35,8 @@ from typing import Any
 
 from fastagent.data import StepRecord, TrajectoryWriter, _frames, read_records
 from fastagent.expert.ideas import Idea, table_columns, task_ideas
-from fastagent.expert.scripted import ScriptedExpert
+from fastagent.expert.scripted import ScriptedExpert, Turn
+from fastagent.expert.teacher import TeacherExpert
 from fastagent.log import print0, progress
 
 
@@ -132,16 +133,33 @@ def state_of(record: StepRecord, earlier: list[StepRecord]) -> dict[str, Any]:
     return state
 
 
+class _TeacherTurns:
+    """A TeacherExpert (messages -> text) in the scripted expert's shape (a generator of Turns)."""
+
+    def __init__(self, expert: Any, env: Any) -> None:
+        self.expert, self.env = expert, env
+
+    def turns(self):
+        while True:
+            yield Turn(self.expert(self.env.messages()), ["teacher"])
+
+
 def generate_expert_data(cfg: Any, out_path: Path, episodes: int | None = None, purpose: str = "train",
                          tasks: str | None = None) -> Path:
-    """Run the scripted expert (see the module docstring); return out_path. Resumes a partial file."""
+    """Run the expert (scripted, or cfg.expert = an OpenAI-compatible URL: a teacher model writes every
+    turn) over the tasks (see the module docstring); return out_path. Resumes a partial file."""
     from fastagent.env import Env
     from fastagent.sandbox import Pool
     from fastagent.tasks import hide_paths, list_tasks
 
+    teacher = None
     if cfg.expert != "scripted":
-        raise ValueError(f"expert={cfg.expert!r}: only the scripted expert writes data here; an OpenAI-compatible "
-                         f"teacher drives episodes through fastagent.expert.teacher.TeacherExpert")
+        from fastagent.expert.teacher import Teacher
+        if not cfg.expert.startswith(("http://", "https://")):
+            raise ValueError(f"expert must be 'scripted' or the http(s) URL of an OpenAI-compatible endpoint, "
+                             f"got {cfg.expert!r}")
+        teacher = Teacher.from_url(cfg.expert, model=cfg.teacher_model, max_tokens=cfg.max_new_tokens)
+        teacher.wait_ready(timeout_s=60.0)  # fail before any episode if the server or model name is wrong
     chosen = list_tasks(tasks or (cfg.train_tasks if purpose == "train" else cfg.eval_tasks))
     if purpose == "train" and any(t.split != "train" for t in chosen):
         bad = ", ".join(t.name for t in chosen if t.split != "train")
@@ -174,8 +192,12 @@ def generate_expert_data(cfg: Any, out_path: Path, episodes: int | None = None, 
             entry = pools[task.name]
             kept = [_idea(entry["ideas"][j]) for j in entry["kept"]]
             seeded = rng.sample(kept, min(len(kept), rng.randint(1, 3))) if kept else []
-            expert = ScriptedExpert(task, seeded, seed=rng.randrange(1 << 30), max_steps=env.max_steps)
-            meta = {"ideas": [s.text for s in seeded], "purpose": purpose, "expert": "scripted",
+            if teacher is None:
+                expert = ScriptedExpert(task, seeded, seed=rng.randrange(1 << 30), max_steps=env.max_steps)
+            else:
+                expert = _TeacherTurns(TeacherExpert(teacher, [s.text for s in seeded], set(env.actions)), env)
+            meta = {"ideas": [s.text for s in seeded], "purpose": purpose,
+                    "expert": "scripted" if teacher is None else f"{cfg.expert}#{cfg.teacher_model}",
                     "actions": env.actions, "history_k": env.history_k}
             try:
                 recs = run_episode(env, expert, f"{task.name}-{i:04d}", meta)

@@ -174,7 +174,7 @@ class ScriptedExpert:
 
     def _try_idea(self, k: int, idea: Idea, last: str, final: bool) -> Generator[Turn, str, str]:
         """Realise one idea: edits (maybe with a forgotten import or a typo), a run, then keep or undo."""
-        t, i = self.task, 2 + k
+        i = 2 + k
         e = plan_edit(idea, self._script())
         if e is None:
             self.status[i] += " [skipped: does not apply to the script as it is]"
