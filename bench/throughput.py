@@ -2,7 +2,7 @@
 
 Each suite lives in bench/suite_<name>.py and exposes `run(args) -> dict`; ratios are measured in
 the same run (these machines are noisy), never compared against numbers from another run.
-Suites: kernels (K1-K3), sandbox (E1), env (E2), and more as the stages land. `--suite all` runs
+Suites: kernels (K1-K3), sandbox (E1), env (E2), train (T1), and more as the stages land. `--suite all` runs
 every suite present and merges their JSON.
 """
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--suite", default="all", help=f"one of: all, {', '.join(suites())}")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (smoke check)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--model", default="", help="train suite: model to train (default smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default="", choices=["", "bf16", "fp32"], help="train suite: compute dtype (default: the cpu preset's, fp32 on CPU)")
     args = parser.parse_args(argv)
     names = suites() if args.suite == "all" else [args.suite]
     unknown = [n for n in names if n not in suites()]

@@ -103,7 +103,7 @@ def save(ckpt_dir: str | Path, step: int, model: torch.nn.Module, optimizer: tor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp), no_dist=not tdist.is_initialized())
     torch.save(rng_state(), tmp / f"rng_{_rank()}.pt")
     _barrier()  # every rank's shards and RNG file are on disk
     if _rank() == 0:
@@ -128,7 +128,7 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     states = _states(model, optimizer)  # the structure to load into (each rank's own shards)
-    dcp.load(states, checkpoint_id=str(path))
+    dcp.load(states, checkpoint_id=str(path), no_dist=not tdist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
     rng = path / f"rng_{_rank()}.pt"
     if rng.is_file():
