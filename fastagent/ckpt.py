@@ -22,6 +22,7 @@ the ranks without their own RNG file then keep their fresh seeds, and the run sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,7 +30,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -84,6 +85,14 @@ def clean(ckpt_dir: str | Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _one_process_ok() -> Iterator[None]:
+    """DCP warns on every save/load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)  # sharded (DTensor) under FSDP2
@@ -103,7 +112,8 @@ def save(ckpt_dir: str | Path, step: int, model: torch.nn.Module, optimizer: tor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_states(model, optimizer), checkpoint_id=str(tmp), no_dist=not tdist.is_initialized())
+    with _one_process_ok():
+        dcp.save(_states(model, optimizer), checkpoint_id=str(tmp), no_dist=not tdist.is_initialized())
     torch.save(rng_state(), tmp / f"rng_{_rank()}.pt")
     _barrier()  # every rank's shards and RNG file are on disk
     if _rank() == 0:
@@ -128,7 +138,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     states = _states(model, optimizer)  # the structure to load into (each rank's own shards)
-    dcp.load(states, checkpoint_id=str(path), no_dist=not tdist.is_initialized())
+    with _one_process_ok():
+        dcp.load(states, checkpoint_id=str(path), no_dist=not tdist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
     rng = path / f"rng_{_rank()}.pt"
     if rng.is_file():

@@ -21,6 +21,7 @@ import random
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -112,9 +113,14 @@ def expert_data(cfg: Config, info: dist.DistInfo, run_dir: Path) -> Path | None:
         print0(f"[sft] no expert data generator yet ({e}): pass --expert_data=FILE; skipping SFT")
         return None
     path = run_dir / "expert" / "expert.traj"
+    # the other ranks wait in a gloo barrier with a long timeout: generation takes hours at the
+    # paper's scale, the default group's timeout is 30 min (gloo) / 10 min (nccl)
+    wait = (torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+            if torch.distributed.is_initialized() else None)
     if info.is_main:
         generate_expert_data(cfg, path)  # a failure here ends the run: torchrun stops the other ranks
-    dist.barrier()
+    if wait is not None:
+        torch.distributed.barrier(group=wait)
     return path
 
 
@@ -231,6 +237,9 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
 
     # ---- model: fp32 master weights, bf16 compute (FSDP2 mixed precision on GPU, autocast everywhere)
     amp = torch.bfloat16 if model_dtype(cfg, info) == torch.bfloat16 else None
+    if amp is not None and info.device.type == "cpu" and not cpu_has_bf16():
+        print0("[sft] note: this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 autocast runs ~3.5x "
+               "slower than fp32 here (measured on SmolLM2-135M); --dtype=fp32 is faster")
     model.to(torch.float32)
     model.config.use_cache = False
     if cfg.grad_checkpointing:
@@ -239,6 +248,8 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
     model = dist.shard_model(model, bf16_compute=amp is not None and info.device.type == "cuda")
     optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
     pad_id = tokenizer.pad_token_id
+    print0(f"[sft] AdamW ({'fused' if optimizer.defaults.get('fused') else 'foreach'}), lr {cfg.sft_lr} "
+           f"cosine, {'bf16' if amp else 'fp32'} compute, grad checkpointing {cfg.grad_checkpointing}")
 
     # ---- resume from the latest complete checkpoint in run_dir/sft/ckpt
     ckpt_dir = run_dir / "sft" / "ckpt"
@@ -256,6 +267,9 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
                             + ", ".join(f"{k} ({a} then, {b} now)" for k, (a, b) in changed.items())
                             + f"; use a new --run_dir (or delete {ckpt_dir}) to start over")
         start = meta["step"]
+        if meta.get("total_steps") != total:
+            print0(f"[sft] note: the checkpoint's run had {meta.get('total_steps')} steps in all, this one "
+                   f"has {total}: the learning-rate schedule continues on the new length")
         print0(f"[sft] resumed from {found} at step {start} (epoch {meta['epoch']}, "
                f"step {meta['step_in_epoch']} of it)")
 
@@ -285,7 +299,8 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{n_tokens / dt:.0f}")
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == total:
             ckpt.save(ckpt_dir, step + 1, model, optimizer,
-                      {"epoch": (step + 1) // per_epoch, "step_in_epoch": (step + 1) % per_epoch, **cursor})
+                      {"epoch": (step + 1) // per_epoch, "step_in_epoch": (step + 1) % per_epoch,
+                       "total_steps": total, **cursor})
 
     # ---- the fine-tuned model as a Hugging Face folder (transformers, vLLM)
     out = run_dir / "sft" / "model"
@@ -300,6 +315,14 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
 def model_dtype(cfg: Config, info: dist.DistInfo) -> torch.dtype:
     from fastagent.model import resolve_dtype
     return resolve_dtype(cfg.dtype, info.device)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: say nothing
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def dist_sum(x: torch.Tensor) -> torch.Tensor:

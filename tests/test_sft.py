@@ -136,6 +136,23 @@ def test_loss_is_ce_on_agent_tokens_only(records, tok):
     assert batch["n_trained"] == sum(sum(samples[i][1][1:]) for i in (0, 7)) < batch["n_tokens"] // 5
 
 
+def test_grad_checkpointing_changes_nothing_but_memory(records, tok):
+    from fastagent.train import micro_step
+    samples, _ = sft_samples(records, tok, 4096)
+    batch = sft_collate(samples, [1, 2], tok.pad_token_id)
+    results = []
+    for ckpt in (False, True):
+        model, _ = load_model("tiny-random")
+        model.train()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = micro_step(model, batch, 1.0, None, torch.device("cpu"))
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_loss_is_independent_of_micro_batching(records, tok):
     from fastagent.train import sft_step
     samples, _ = sft_samples(records, tok, 4096)
@@ -206,10 +223,11 @@ def test_sigkill_and_resume_gives_the_same_losses_bitwise(data_file, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_train_like_one(data_file, tmp_path):
-    """FSDP2 over 2 ranks (each half of every batch) takes the same steps as one process."""
+    """FSDP2 over 2 ranks (each half of every batch, activations recomputed) takes the same steps as
+    one process."""
     flags = [*FLAGS, f"--expert_data={data_file}", "--batch_size=4", "--sft_max_steps=3"]
-    for n in (1, 2):
-        run(torchrun(n, *flags, f"--run_dir={tmp_path / str(n)}"))
+    run(torchrun(1, *flags, f"--run_dir={tmp_path / '1'}"))
+    run(torchrun(2, *flags, f"--run_dir={tmp_path / '2'}", "--grad_checkpointing"))  # recompute: same math
     one, two = sft_rows(tmp_path / "1"), sft_rows(tmp_path / "2")
     for step in (1, 2, 3):
         assert one[step]["sft_trained_tokens"] == two[step]["sft_trained_tokens"]
