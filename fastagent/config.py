@@ -97,7 +97,9 @@ class Config:
 
 def smoke() -> Config:
     """Tiny random model, two tasks, a few steps: seconds, for tests."""
-    return Config(model="tiny-random", run_dir="runs/smoke", max_seq_len=512, workers=1,
+    # max_seq_len 4096: the tiny byte-level tokenizer makes agent prompts 2,000-3,200 tokens long; SFT
+    # drops (never cuts) longer samples
+    return Config(model="tiny-random", run_dir="runs/smoke", max_seq_len=4096, workers=1,
                   step_timeout_s=30.0, max_episode_steps=4, num_ideas=8, num_diverse_ideas=3,
                   expert_episodes=1, sft_epochs=1, batch_size=2, micro_batch_size=2, rl_steps=2,
                   states_per_step=2, samples_per_state=2, max_new_tokens=64, rl_lr=1e-4,
