@@ -376,7 +376,8 @@ def sft_collate(samples: list[tuple[list[int], list[int]]], idx: list[int], pad_
     """One micro-batch, right-padded to its longest sample.
 
     input_ids, labels (B, T) int64 (labels = ids where trained, -100 elsewhere: what HF's loss
-    takes); attention_mask (B, T) or None when no sample is padded (sdpa's causal fast path);
+    takes); attention_mask (B, T) or None when no sample is padded (the lean loop passes none:
+    right padding under causal attention needs none);
     rows (N,) flat indices b * T + t of the positions whose NEXT token is trained and targets (N,)
     those tokens: the only hidden states the loss needs; n_tokens, n_trained (host ints)."""
     import torch

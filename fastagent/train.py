@@ -138,15 +138,16 @@ def micro_step(model: torch.nn.Module, batch: dict, scale: float, amp: torch.dty
     from the decoder's last hidden states at ONLY the positions whose next token is trained (rows)
     and the lm_head weight: no (B, T, V) logits, and the head's matmul and softmax run on the
     trained rows alone (most tokens are prompt). Returns the unscaled CE sum (detached)."""
-    ids = batch["input_ids"].to(device, non_blocking=True)  # (B, T)
-    attn = batch["attention_mask"]
-    attn = None if attn is None else attn.to(device, non_blocking=True)
+    ids = batch["input_ids"].to(device, non_blocking=True)  # (B, T), right-padded
     rows = batch["rows"].to(device, non_blocking=True)  # (N,) flat b * T + t
     targets = batch["targets"].to(device, non_blocking=True)  # (N,)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        # No attention mask: with right padding and causal attention no real token ever sees a pad
+        # (pads come after it; their outputs are never read), and without a mask sdpa takes its
+        # causal kernel (the masked one: 1.7x slower attention at 1800 tokens on CPU, measured).
         # logits_to_keep=[] : the model's own lm_head runs on zero rows; hidden_states[-1] is the
         # final-norm output. Calling model(), not model.model(), keeps FSDP2's root hooks.
-        out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, use_cache=False,
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False,
                     logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
         hidden = out.hidden_states[-1]  # (B, T, H)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, H)

@@ -134,6 +134,9 @@ def test_loss_is_ce_on_agent_tokens_only(records, tok):
         torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
     # prompt tokens carry no loss: changing one only changes the context, never a target
     assert batch["n_trained"] == sum(sum(samples[i][1][1:]) for i in (0, 7)) < batch["n_tokens"] // 5
+    model.zero_grad(set_to_none=True)
+    low = micro_step(model, batch, 1.0, torch.bfloat16, torch.device("cpu"))  # bf16 autocast + bf16 head
+    assert abs(low.item() - ref.item()) <= 2e-2 * ref.item(), (low.item(), ref.item())
 
 
 def test_grad_checkpointing_changes_nothing_but_memory(records, tok):
