@@ -34,7 +34,11 @@ def test_smoke_preset_on_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_default_main_job(tmp_path):
-    """The README's main command on its default (SmolLM2-135M-Instruct, CPU)."""
-    out = run_main(tmp_path, 1)
+    """The README's main command on its default (SmolLM2-135M-Instruct, CPU): model, probe, the expert
+    data (10 real episodes), then SFT cut to 2 optimizer steps (the full default stage takes ~20 min,
+    too long for CI) and the saved model."""
+    out = run_main(tmp_path, 1, "--sft_max_steps=2")
+    assert "[expert] 10 episodes" in out.stdout
+    assert (tmp_path / "run" / "sft" / "model" / "config.json").exists()
     assert "smollm2-135m-instruct" in out.stdout and "[probe] task anes-vote" in out.stdout
     assert "--- observation ---" in out.stdout
