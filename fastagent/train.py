@@ -229,7 +229,8 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
     lengths = [len(ids) for ids, _ in samples]
     trained = [sum(mask[1:]) for _, mask in samples]  # next-token targets per sample
     per_epoch = sft_steps_per_epoch(len(samples), cfg.batch_size)
-    total = per_epoch * cfg.sft_epochs if cfg.sft_max_steps <= 0 else min(cfg.sft_max_steps, per_epoch * cfg.sft_epochs)
+    total = per_epoch * cfg.sft_epochs
+    total = min(total, cfg.sft_max_steps) if cfg.sft_max_steps > 0 else total
     warmup = math.ceil(cfg.warmup_ratio * total)
     print0(f"[sft] {len(samples)} samples from {data} ({dropped} dropped: longer than max_seq_len="
            f"{cfg.max_seq_len}), {sum(lengths)} tokens ({sum(trained)} trained); {total} steps of "
