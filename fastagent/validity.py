@@ -55,13 +55,18 @@ def pick_states(path: str | Path, n: int, seed: int = 0) -> list[tuple[StepRecor
     return out
 
 
+def _prompt_ids(tok: Any, prompts: list[list[dict[str, str]]], keep: int) -> list[list[int]]:
+    """Each prompt's token ids as the policy sees them, left-truncated to its last `keep` tokens."""
+    return [tokenize_chat(tok, p, add_generation_prompt=True)[0][-keep:] for p in prompts]
+
+
 @torch.no_grad()
 def sample_turns(model: Any, tok: Any, prompts: list[list[dict[str, str]]], samples: int, temperature: float,
                  max_new_tokens: int, max_seq_len: int, batch_size: int = 8, seed: int = 0) -> tuple[list[list[str]], int]:
     """samples texts per prompt (HF generate, sampled, left-padded batches); returns (texts, new tokens)."""
     stops = stop_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[-1]
-    ids = [tokenize_chat(tok, p, add_generation_prompt=True)[0][-(max_seq_len - max_new_tokens):] for p in prompts]
+    ids = _prompt_ids(tok, prompts, max_seq_len - max_new_tokens)
     flat = [(i, x) for i, x in enumerate(ids) for _ in range(samples)]
     texts: list[list[str]] = [[] for _ in prompts]
     torch.manual_seed(seed)
@@ -92,7 +97,7 @@ def vllm_turns(model_dir: str | Path, tok: Any, prompts: list[list[dict[str, str
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     cuda = torch.cuda.is_available()
-    ids = [tokenize_chat(tok, p, add_generation_prompt=True)[0][-(max_seq_len - max_new_tokens):] for p in prompts]
+    ids = _prompt_ids(tok, prompts, max_seq_len - max_new_tokens)
     llm = LLM(model=str(model_dir), dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda, seed=seed,
               max_model_len=max_seq_len, enable_prefix_caching=True,
               **({} if cuda else {"kv_cache_memory_bytes": 1 << 30, "distributed_executor_backend": "uni"}))

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from fastagent.data import StepRecord, TrajectoryWriter, _frames, read_records
+from fastagent.data import HEADER, StepRecord, TrajectoryWriter, _frames, read_records
 from fastagent.expert.ideas import Idea, table_columns, task_ideas
 from fastagent.expert.scripted import ScriptedExpert, Turn
 from fastagent.expert.teacher import TeacherExpert
@@ -48,8 +48,7 @@ def complete_prefix(path: Path) -> int:
     keep = 0
     for offset, rec, _ in _frames(buf):
         if rec is not None and (rec.get("meta") or {}).get("last"):
-            from fastagent.data import encode
-            keep = offset + len(encode(rec))
+            keep = offset + HEADER.size + HEADER.unpack_from(buf, offset)[1]  # the end of that frame
     if keep < len(buf):
         with open(path, "r+b") as f:
             f.truncate(keep)
@@ -180,12 +179,10 @@ def generate_expert_data(cfg: Any, out_path: Path, episodes: int | None = None, 
     env_root = store_of(out_path).parent
     with Pool(workers=cfg.workers, hide=[root, *hide_paths(chosen)]) as pool, \
             TrajectoryWriter(out_path) as writer:
-        envs_free: dict[str, list] = defaultdict(list)
-        for t in {t.name: t for t, _ in todo}.values():  # materialise + starter score once per task
-            envs_free[t.name].append(Env(t, pool, env_root, seed=cfg.seed, cfg=cfg))
+        envs_free: dict[str, list] = defaultdict(list)  # task -> idle Envs (each materialises once)
 
         def one(task: Any, i: int) -> int:
-            with lock:  # Envs are reused; a new one (rare) is built under the lock: materialising races
+            with lock:  # Envs are reused; a new one is built under the lock: materialising races
                 env = envs_free[task.name].pop() if envs_free[task.name] else Env(task, pool, env_root,
                                                                                  seed=cfg.seed, cfg=cfg)
             rng = random.Random(f"{cfg.seed}-{task.name}-{i}")

@@ -31,32 +31,29 @@ from typing import Any
 
 # ---------------------------------------------------------------- the estimator catalogue
 
+# hyper-parameter grids shared by a family's classifier and regressor
+_FOREST = {"n_estimators": [100, 300], "max_depth": [None, 12], "min_samples_leaf": [1, 3]}
+_EXTRA = {"n_estimators": [200, 400], "max_depth": [None, 16], "min_samples_leaf": [1, 2]}
+_BOOST = {"max_iter": [100, 300], "learning_rate": [0.05, 0.1], "max_depth": [None, 6]}
+_KNN = {"n_neighbors": [3, 7, 15], "weights": ["uniform", "distance"]}
 # name -> (module, phrase, is_classifier, grid of hyper-parameters, takes random_state)
 ESTIMATORS: dict[str, tuple[str, str, bool, dict[str, list], bool]] = {
-    "RandomForestClassifier": ("sklearn.ensemble", "a random forest", True,
-                               {"n_estimators": [100, 300], "max_depth": [None, 12], "min_samples_leaf": [1, 3]}, True),
-    "ExtraTreesClassifier": ("sklearn.ensemble", "extremely randomised trees", True,
-                             {"n_estimators": [200, 400], "max_depth": [None, 16], "min_samples_leaf": [1, 2]}, True),
-    "HistGradientBoostingClassifier": ("sklearn.ensemble", "gradient-boosted trees", True,
-                                       {"max_iter": [100, 300], "learning_rate": [0.05, 0.1], "max_depth": [None, 6]}, True),
-    "KNeighborsClassifier": ("sklearn.neighbors", "k-nearest neighbours", True,
-                             {"n_neighbors": [3, 7, 15], "weights": ["uniform", "distance"]}, False),
+    "RandomForestClassifier": ("sklearn.ensemble", "a random forest", True, _FOREST, True),
+    "ExtraTreesClassifier": ("sklearn.ensemble", "extremely randomised trees", True, _EXTRA, True),
+    "HistGradientBoostingClassifier": ("sklearn.ensemble", "gradient-boosted trees", True, _BOOST, True),
+    "KNeighborsClassifier": ("sklearn.neighbors", "k-nearest neighbours", True, _KNN, False),
     "SVC": ("sklearn.svm", "an RBF support vector machine", True,
             {"C": [1.0, 10.0], "gamma": ["scale"], "probability": [True]}, True),
     "MLPClassifier": ("sklearn.neural_network", "a small neural network (MLP)", True,
                       {"hidden_layer_sizes": [(64,), (128,)], "alpha": [1e-4, 1e-2], "max_iter": [400]}, True),
     "LogisticRegression": ("sklearn.linear_model", "logistic regression", True,
                            {"C": [0.1, 1.0, 10.0], "max_iter": [3000]}, False),
-    "RandomForestRegressor": ("sklearn.ensemble", "a random forest", False,
-                              {"n_estimators": [100, 300], "max_depth": [None, 12], "min_samples_leaf": [1, 3]}, True),
-    "ExtraTreesRegressor": ("sklearn.ensemble", "extremely randomised trees", False,
-                            {"n_estimators": [200, 400], "max_depth": [None, 16], "min_samples_leaf": [1, 2]}, True),
-    "HistGradientBoostingRegressor": ("sklearn.ensemble", "gradient-boosted trees", False,
-                                      {"max_iter": [100, 300], "learning_rate": [0.05, 0.1], "max_depth": [None, 6]}, True),
+    "RandomForestRegressor": ("sklearn.ensemble", "a random forest", False, _FOREST, True),
+    "ExtraTreesRegressor": ("sklearn.ensemble", "extremely randomised trees", False, _EXTRA, True),
+    "HistGradientBoostingRegressor": ("sklearn.ensemble", "gradient-boosted trees", False, _BOOST, True),
     "GradientBoostingRegressor": ("sklearn.ensemble", "classic gradient boosting", False,
                                   {"n_estimators": [100, 300], "learning_rate": [0.05, 0.1], "max_depth": [2, 3]}, True),
-    "KNeighborsRegressor": ("sklearn.neighbors", "k-nearest neighbours", False,
-                            {"n_neighbors": [3, 7, 15], "weights": ["uniform", "distance"]}, False),
+    "KNeighborsRegressor": ("sklearn.neighbors", "k-nearest neighbours", False, _KNN, False),
     "SVR": ("sklearn.svm", "an RBF support vector regressor", False, {"C": [1.0, 10.0, 100.0], "epsilon": [0.1]}, False),
     "Ridge": ("sklearn.linear_model", "ridge regression", False, {"alpha": [0.1, 1.0, 10.0]}, False),
     "MLPRegressor": ("sklearn.neural_network", "a small neural network (MLP)", False,

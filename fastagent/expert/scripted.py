@@ -183,10 +183,10 @@ class ScriptedExpert:
         typo = next((w for w in _TYPOS if f"{w}=" in e.new_content), None) if self.rng.random() < self.p_typo else None
         edits = 0
         if e.imports and not forget and self.rng.random() < 0.5:  # imports first, then the change
+            imp = self._import_edit(e.imports)
             obs = yield self._turn(last, f"To try '{idea.text}' the script needs {', '.join(e.imports)}; add them "
-                                   "at the top first.", "Edit Script Segment",
-                                   self._edit_args(self._import_edit(e.imports)), "edit")
-            self._apply(self._import_edit(e.imports))
+                                   "at the top first.", "Edit Script Segment", self._edit_args(imp), "edit")
+            self._apply(imp)
             edits, last = edits + 1, "The imports are in (the diff shows only added lines)."
             e = plan_edit(idea, self._script())
             e.imports = []
