@@ -147,11 +147,12 @@ def judge_turns(states: list[tuple[StepRecord, dict]], texts: list[list[str]], p
     envs: dict[str, Env] = {}
     kinds: Counter = Counter()
     valid = executes = 0
-    rewards = []
+    rewards, detail = [], []
     for (rec, state), outs in zip(states, texts):
         allowed = set(rec.meta.get("actions") or []) or None
         for text in outs:
-            valid += not isinstance(parse_response(text, allowed=allowed), ParseError)
+            parsed = parse_response(text, allowed=allowed)
+            valid += not isinstance(parsed, ParseError)
             if rec.task not in envs:
                 envs[rec.task] = Env(get_task(rec.task), pool, env_root, seed=cfg.seed, cfg=cfg, store=store)
             env = envs[rec.task]
@@ -161,11 +162,13 @@ def judge_turns(states: list[tuple[StepRecord, dict]], texts: list[list[str]], p
             kinds[kind] += 1
             executes += kind not in ("format_error", "invalid_action")
             rewards.append(reward)
+            detail.append({"task": rec.task, "kind": kind, "reward": reward, "text": text,
+                           "error": str(parsed) if isinstance(parsed, ParseError) else ""})
     for env in envs.values():
         env.close()
     n = max(len(rewards), 1)
     return {"states": len(states), "samples": len(rewards), "valid_rate": valid / n, "execute_rate": executes / n,
-            "mean_reward": sum(rewards) / n, "reward_kinds": dict(kinds)}
+            "mean_reward": sum(rewards) / n, "reward_kinds": dict(kinds), "turns": detail}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,10 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     with Pool(workers=cfg.workers, hide=[root]) as pool:
         res = measure_validity(model, tok, states, pool, root, cfg, store_of(own["states"]), samples=int(own["samples"]),
                                temperature=cfg.temperature, seed=cfg.seed, model_dir=resolve_model(cfg.model, cfg.cache_dir))
-    line = json.dumps({"model": cfg.model, **res})
-    if own["out"]:
-        Path(own["out"]).write_text(line + "\n")
-    print(line)
+    if own["out"]:  # every sampled turn with its reward kind and parse error, for reading the failures
+        Path(own["out"]).write_text(json.dumps({"model": cfg.model, **res}, indent=1) + "\n")
+    print(json.dumps({"model": cfg.model, **{k: v for k, v in res.items() if k != "turns"}}))
     return 0
 
 

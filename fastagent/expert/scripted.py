@@ -74,7 +74,7 @@ class ScriptedExpert:
         return "\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(self.status, 1))
 
     def _facts(self) -> str:
-        return ("\n" + "\n".join(f"- {f}" for f in self.facts[-4:])) if self.facts else "None yet: nothing has been observed."
+        return ("\n" + "\n".join(f"- {f}" for f in self.facts[-3:])) if self.facts else "None yet: nothing has been observed."
 
     def _turn(self, reflection: str, thought: str, action: str, args: dict[str, Any], *tags: str) -> Turn:
         self.steps += 1
@@ -184,7 +184,7 @@ class ScriptedExpert:
         edits = 0
         if e.imports and not forget and self.rng.random() < 0.5:  # imports first, then the change
             imp = self._import_edit(e.imports)
-            obs = yield self._turn(last, f"To try '{idea.text}' the script needs {', '.join(e.imports)}; add them "
+            obs = yield self._turn(last, f"To try idea {i + 1} the script needs {', '.join(e.imports)}; add them "
                                    "at the top first.", "Edit Script Segment", self._edit_args(imp), "edit")
             self._apply(imp)
             edits, last = edits + 1, "The imports are in (the diff shows only added lines)."
@@ -192,7 +192,7 @@ class ScriptedExpert:
             e.imports = []
         content = e.new_content.replace(f"{typo}=", f"{_TYPOS[typo]}=", 1) if typo else e.new_content
         shown = Edit(e.start, e.end, content)
-        obs = yield self._turn(last, f"Try the idea '{idea.text}': {e.note}. Lines {e.start}-{e.end} hold that "
+        obs = yield self._turn(last, f"Try idea {i + 1}: {e.note}. Lines {e.start}-{e.end} hold that "
                                "code, so replace exactly them.", "Edit Script Segment", self._edit_args(shown), "edit")
         if not obs.startswith("Saved"):
             self.status[i] += " [the edit failed]"
@@ -258,7 +258,7 @@ class ScriptedExpert:
             before = self.best
             self.best = score
             self.status[i] += f" [kept: validation {t.metric} {score}]"
-            self.facts.append(f"'{idea.text}' gives validation {t.metric} {score} (confirmed by running it)")
+            self.facts.append(f"Idea {i + 1} gives validation {t.metric} {score} (confirmed by running it)")
             return (f"The change helped: validation {t.metric} is {score}" +
                     (f", better than {before}." if before is not None else "."))
         if score is not None and self.rng.random() < 0.2:
@@ -267,7 +267,7 @@ class ScriptedExpert:
         what = (f"validation {t.metric} {score} is not better than {self.best}" if score is not None else
                 "the run did not finish with a score" + (" (time limit)" if "time limit" in obs else ""))
         self.status[i] += f" [dead end: {what}]"
-        self.facts.append(f"'{idea.text}': {what} (confirmed by running it)")
+        self.facts.append(f"Idea {i + 1}: {what} (confirmed by running it)")
         last = f"The idea did not help: {what}."
         for n in range(edits):
             if self.max_steps - self.steps < 2:
