@@ -120,7 +120,7 @@ class Engine:
         if the engine's weights are not the trainer's current ones, unless allow_stale."""
         self._check_usable("generate")
         if version is not None and not allow_stale and self.synced_step != version.step:
-            held = "unknown weights (a sync failed part way)" if self.synced_step is None else \
+            held = "unknown weights (dropped by sleep(2), or a sync failed part way)" if self.synced_step is None else \
                 f"the weights of trainer step {self.synced_step}"
             raise StaleWeightsError(f"{self.name} engine holds {held} but the trainer is at step {version.step}: "
                                     f"call sync_weights(engine, model, version) first, or pass allow_stale=True "
@@ -144,6 +144,8 @@ class Engine:
         return {}
 
     def _load_bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy one bucket in. An engine whose _load can tell that a sync left weights unset must raise
+        (sync_weights then leaves it marked as holding unknown weights)."""
         raise NotImplementedError
 
     # --- memory ---
@@ -300,7 +302,9 @@ def trainer_logprobs(model: torch.nn.Module, prompt: list[int], completion: list
                      temperature: float = 1.0) -> torch.Tensor:
     """The trainer's log-prob of each completion token given the prompt: log_softmax(logits / T) of the
     model's forward over prompt + completion, from its last hidden states and the head (the fused kernel,
-    no (T, V) logits). (len(completion),) fp32. What an engine's Completion.logprobs must equal."""
+    no (T, V) logits). (len(completion),) fp32. What an engine's Completion.logprobs must equal.
+    For decoders whose logits are hidden @ head.weight.T (Llama, SmolLM2, Qwen2.5): no head bias, logit
+    scaling or soft-capping."""
     from fastagent.kernels import logprob
     dev = next(model.parameters()).device
     ids = torch.tensor([list(prompt) + list(completion)], device=dev)
