@@ -1,14 +1,16 @@
 // CPU (OpenMP) kernels for the PPO policy loss and the clipped value loss, forward and backward in
 // one pass. Called from kernels/ppo_loss.py (built by kernels/_cpp.py); not a public API.
 //
-// ppo_fwd: per token i (all tensors (N,), weight pre-scaled so the loss is a plain sum)
-//   ratio = exp(logp - old_logp)
+// ppo_fwd: per token i (all tensors (N,), weight pre-scaled so the loss is a plain sum), with
+// clamp(x, c) = clamp(x, -c, c), c = log_ratio_clamp, kc = kl_clamp (inf: off)
+//   ratio = exp(clamp(logp - old_logp, c))
 //   pg    = max(-adv * ratio, -adv * clamp(ratio, 1 - clip_low, 1 + clip_high))
 //   pg    = min(pg, -adv * dual_clip)                    if dual_clip > 0 and adv < 0
-//   kl    = logp - ref_logp (k1)  or  exp(ref_logp - logp) - (ref_logp - logp) - 1 (k3)
+//   kl    = logp - ref_logp (k1)  or  clamp(exp(x) - x - 1, kc), x = clamp(ref_logp - logp, c) (k3)
 //   loss  = sum_i weight * (pg + kl_coef * kl - entropy_coef * entropy)
-// and returns the weighted sums (see kSum* below) plus d loss / d logp (N,). The gradient with
-// respect to entropy is -entropy_coef * weight, which the caller forms without a kernel.
+// and returns the weighted sums (see kSum* below) plus d loss / d logp (N,), zero through an active
+// clamp (torch.clamp's gradient). The gradient with respect to entropy is -entropy_coef * weight,
+// which the caller forms without a kernel.
 //
 // Sums are reduced per fixed chunk of kChunk tokens, then chunk partials are added in order, so the
 // result does not depend on the number of threads.
@@ -72,6 +74,7 @@ inline float keep_if(float v, int32_t bits) {
 struct PpoArgs {
   float clip_low, clip_high, dual_clip, kl_coef, entropy_coef;
   bool kl_k3;
+  float log_ratio_clamp, kl_clamp;  // inf: off
 };
 
 constexpr int kLanes = 16;  // one AVX-512 register of floats; per-lane partial sums
@@ -92,25 +95,32 @@ void ppo_chunk(const P* __restrict logp, const P* __restrict old_logp, const flo
   const float dual_clip = args.dual_clip > 0.f ? args.dual_clip : INFINITY;  // inf: never active
   const float kl_coef = args.kl_coef, ent_coef = args.entropy_coef;
   const float k3 = args.kl_k3 ? 1.f : 0.f, k1 = 1.f - k3;
+  const float c = args.log_ratio_clamp, kc = args.kl_clamp;
   float acc[kNumSums][kLanes] = {};
   auto token = [&](int64_t i, int j) {
     const float lp = static_cast<float>(logp[i]);
-    const float log_ratio = lp - static_cast<float>(old_logp[i]);
+    const float raw = lp - static_cast<float>(old_logp[i]);
+    const float log_ratio = std::min(std::max(raw, -c), c);
     const float ratio = fast_exp(log_ratio);
     const float ad = adv[i], w = weight[i];
-    const float pg1 = -ad * ratio;  // also d pg1 / d logp
+    const float pg1 = -ad * ratio;  // also d pg1 / d logp, unless the log-ratio clamp is active
     const float pg2 = -ad * std::min(std::max(ratio, lo), hi);
     const bool clipped = pg2 > pg1;
+    const bool ratio_clamped = std::fabs(raw) > c;  // NaN: false, so NaN reaches the gradient
     float pg = clipped ? pg2 : pg1;
-    float dpg = clipped ? 0.f : pg1;
+    float dpg = (clipped | ratio_clamped) ? 0.f : pg1;
     const float pg3 = -ad * dual_clip;
     const bool dual = (ad < 0.f) & (pg > pg3);
     pg = dual ? pg3 : pg;
     dpg = dual ? 0.f : dpg;
-    const float x = static_cast<float>(ref_logp[i]) - lp;  // log(pi_ref / pi)
+    const float x_raw = static_cast<float>(ref_logp[i]) - lp;  // log(pi_ref / pi)
+    const float x = std::min(std::max(x_raw, -c), c);  // k3 only; k1 = -x_raw is linear
     const float ex = fast_exp(x);
-    const float kl = keep_if(k3 * (ex - x - 1.f) - k1 * x, ref_bits);
-    const float dkl = keep_if(k3 * (1.f - ex) + k1, ref_bits);
+    const float kl3_raw = ex - x - 1.f;
+    const float kl3 = std::min(std::max(kl3_raw, -kc), kc);
+    const bool kl3_clamped = (std::fabs(x_raw) > c) | (std::fabs(kl3_raw) > kc);
+    const float kl = keep_if(k3 * kl3 - k1 * x_raw, ref_bits);
+    const float dkl = keep_if(k3 * (kl3_clamped ? 0.f : 1.f - ex) + k1, ref_bits);
     const float ent = keep_if(static_cast<float>(entropy[i]), ent_bits);
     dlogp[i] = static_cast<P>(w * (dpg + kl_coef * dkl));
     acc[kSumLoss][j] += w * (pg + kl_coef * kl - ent_coef * ent);
@@ -203,13 +213,14 @@ at::Tensor reduce_partials(const std::vector<double>& partial, int64_t nchunks, 
 }  // namespace
 
 // Returns (sums (8,) fp32, dlogp (N,) in logp's dtype). adv and weight are fp32; logp, old_logp,
-// ref_logp and entropy share one float dtype (fp32, bf16 or fp16).
+// ref_logp and entropy share one float dtype (fp32, bf16 or fp16); log_ratio_clamp and kl_clamp are
+// > 0 (inf: off).
 std::vector<at::Tensor> ppo_fwd(const at::Tensor& logp, const at::Tensor& old_logp,
                                 const at::Tensor& adv, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& ref_logp,
                                 const c10::optional<at::Tensor>& entropy, double clip_low,
                                 double clip_high, double dual_clip, double kl_coef, bool kl_k3,
-                                double entropy_coef) {
+                                double entropy_coef, double log_ratio_clamp, double kl_clamp) {
   const int64_t n = logp.numel();
   const auto pt = logp.scalar_type();
   check_vec(logp, "logp", n, pt);
@@ -218,8 +229,9 @@ std::vector<at::Tensor> ppo_fwd(const at::Tensor& logp, const at::Tensor& old_lo
   check_vec(weight, "weight", n, at::kFloat);
   if (ref_logp) check_vec(*ref_logp, "ref_logp", n, pt);
   if (entropy) check_vec(*entropy, "entropy", n, pt);
+  TORCH_CHECK(log_ratio_clamp > 0 && kl_clamp > 0, "clamps must be > 0 (inf: off)");
   const PpoArgs args{float(clip_low), float(clip_high), float(dual_clip), float(kl_coef),
-                     float(entropy_coef), kl_k3};
+                     float(entropy_coef), kl_k3, float(log_ratio_clamp), float(kl_clamp)};
   at::Tensor dlogp = at::empty_like(logp);
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(nchunks * kNumSums, 0.0);

@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 
 from fastagent.kernels.logprob import (add_matmul, block_buffer, block_logits, block_shape,
-                                       check_inputs, finish_stats, grads_out, logprob_ref, new_grads,
-                                       new_state, row_pass)
-from fastagent.kernels.ppo_loss import (KL_ESTIMATORS, NUM_SUMS, SUM_LOSS, PPOStats, ppo_loss_ref,
-                                        ppo_stats, ppo_token_sums_and_grads)
+                                       check_inputs, check_labels, finish_stats, grads_out, logprob_ref,
+                                       new_grads, new_state, row_pass)
+from fastagent.kernels.ppo_loss import (KL_ESTIMATORS, NUM_SUMS, SUM_LOSS, PPOStats, _clamp_value,
+                                        ppo_loss_ref, ppo_stats, ppo_token_sums_and_grads)
 
 
 # ---------------------------------------------------------------- references (autograd)
@@ -49,14 +49,16 @@ def fused_linear_ppo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, labels
                               ref_logp: torch.Tensor | None = None, *, temperature: float = 1.0,
                               clip_low: float = 0.2, clip_high: float = 0.2,
                               dual_clip: float | None = None, kl_coef: float = 0.0,
-                              kl_estimator: str = "k3",
-                              entropy_coef: float = 0.0) -> tuple[torch.Tensor, PPOStats]:
+                              kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                              log_ratio_clamp: float | None = 20.0,
+                              kl_clamp: float | None = 10.0) -> tuple[torch.Tensor, PPOStats]:
     """ppo_loss_ref on logprob_ref's log-probs and entropy."""
     logp, entropy = logprob_ref(hidden, weight, labels, temperature)
     return ppo_loss_ref(logp, old_logp.float(), adv.float(), token_weight.float(),
                         None if ref_logp is None else ref_logp.float(), entropy,
                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                        kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+                        kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                        log_ratio_clamp=log_ratio_clamp, kl_clamp=kl_clamp)
 
 
 # ---------------------------------------------------------------- the chunk loop
@@ -65,6 +67,7 @@ def _fused_chunks(hidden, weight, labels, temperature, need_h, need_w, token_los
     returns this chunk's loss sums (any fixed shape, added up) and per-token loss gradients.
     Returns (sums, grad_hidden | None, grad_weight | None) (accumulator dtypes: see new_grads)."""
     n, v = hidden.shape[0], weight.shape[0]
+    check_labels("fused_linear", labels, v)
     rp = row_pass(hidden.device)
     grad_h, grad_w = new_grads(hidden, weight, need_h, need_w)
     inv_temp = 1.0 / temperature
@@ -177,15 +180,17 @@ def _fused_ppo_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                   old_logp: torch.Tensor, adv: torch.Tensor, token_weight: torch.Tensor,
                   ref_logp: torch.Tensor | None, temperature: float, clip_low: float,
                   clip_high: float, dual_clip: float, kl_coef: float, kl_estimator: str,
-                  entropy_coef: float, need_h: bool,
+                  entropy_coef: float, log_ratio_clamp: float, kl_clamp: float, need_h: bool,
                   need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # per-token inputs (N,) fp32; -> sums (NUM_SUMS,) fp32 (see ppo_loss), grad_hidden, grad_weight
+    # per-token inputs (N,) fp32, clamps as floats (inf: off); -> sums (NUM_SUMS,) fp32 (see
+    # ppo_loss), grad_hidden, grad_weight
     def token_loss(s, e, logp, entropy):
         sums, dlogp, dent = ppo_token_sums_and_grads(
             logp, old_logp[s:e], adv[s:e], token_weight[s:e],
             None if ref_logp is None else ref_logp[s:e], entropy,  # entropy also feeds the stats
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip or None, kl_coef=kl_coef,
-            kl_estimator=kl_estimator, entropy_coef=entropy_coef)
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, log_ratio_clamp=log_ratio_clamp,
+            kl_clamp=kl_clamp)
         return sums, dlogp, dent if entropy_coef != 0 else None  # all-zero dent: skip its math
 
     sums, grad_h, grad_w = _fused_chunks(hidden, weight, labels, temperature, need_h, need_w,
@@ -197,7 +202,7 @@ def _fused_ppo_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 @_fused_ppo_op.register_fake
 def _(hidden, weight, labels, old_logp, adv, token_weight, ref_logp, temperature, clip_low, clip_high,
-      dual_clip, kl_coef, kl_estimator, entropy_coef, need_h, need_w):
+      dual_clip, kl_coef, kl_estimator, entropy_coef, log_ratio_clamp, kl_clamp, need_h, need_w):
     return (hidden.new_empty(NUM_SUMS, dtype=torch.float32),
             hidden.new_empty(hidden.shape) if need_h else hidden.new_empty(0),
             weight.new_empty(weight.shape) if need_w else weight.new_empty(0))
@@ -210,7 +215,7 @@ def _ppo_setup(ctx, inputs, output):
 
 def _ppo_backward(ctx, grad_sums, _gh, _gw):
     g = grad_sums[SUM_LOSS]  # only the loss entry is differentiable (stats are detached)
-    return (*_scale_stored_grads(ctx, g), *([None] * 14))
+    return (*_scale_stored_grads(ctx, g), *([None] * 16))
 
 
 torch.library.register_autograd("fastagent::fused_linear_ppo", _ppo_backward, setup_context=_ppo_setup)
@@ -221,12 +226,14 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           ref_logp: torch.Tensor | None = None, *, temperature: float = 1.0,
                           clip_low: float = 0.2, clip_high: float = 0.2,
                           dual_clip: float | None = None, kl_coef: float = 0.0,
-                          kl_estimator: str = "k3",
-                          entropy_coef: float = 0.0) -> tuple[torch.Tensor, PPOStats]:
-    """PPO policy loss (kernels/ppo_loss.py's, same arguments) on the log-probs and entropy of
-    hidden @ weight.T / temperature, fused with the lm_head. hidden (..., H), weight (V, H);
-    labels, old_logp, adv, token_weight, ref_logp shaped (...). Returns (loss 0-d fp32, PPOStats
-    with the entropy mean filled in). Gradients flow into hidden and weight."""
+                          kl_estimator: str = "k3", entropy_coef: float = 0.0,
+                          log_ratio_clamp: float | None = 20.0,
+                          kl_clamp: float | None = 10.0) -> tuple[torch.Tensor, PPOStats]:
+    """PPO policy loss (kernels/ppo_loss.py's, same arguments, the same verl-style clamps on by
+    default: log_ratio_clamp before exp, kl_clamp on the k3 KL; None or 0: off) on the log-probs
+    and entropy of hidden @ weight.T / temperature, fused with the lm_head. hidden (..., H),
+    weight (V, H); labels, old_logp, adv, token_weight, ref_logp shaped (...). Returns (loss 0-d
+    fp32, PPOStats with the entropy mean filled in). Gradients flow into hidden and weight."""
     check_inputs("fused_linear_ppo_loss", hidden, weight, labels, temperature)
     for name, t in (("old_logp", old_logp), ("adv", adv), ("token_weight", token_weight),
                     ("ref_logp", ref_logp)):
@@ -239,8 +246,12 @@ def fused_linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"fused_linear_ppo_loss: kl_estimator must be one of {KL_ESTIMATORS}")
     if kl_coef != 0 and ref_logp is None:
         raise ValueError("fused_linear_ppo_loss: kl_coef != 0 needs ref_logp")
+    for name, c in (("log_ratio_clamp", log_ratio_clamp), ("kl_clamp", kl_clamp)):
+        if c is not None and not c >= 0:
+            raise ValueError(f"fused_linear_ppo_loss: {name} must be > 0 (or 0 / None: off), got {c}")
     h, y, (old, a, w, ref) = _flat(hidden, labels, old_logp, adv, token_weight, ref_logp)
     sums, _, _ = _fused_ppo_op(h, weight, y, old, a, w, ref, float(temperature), float(clip_low),
                                float(clip_high), float(dual_clip or 0.0), float(kl_coef),
-                               kl_estimator, float(entropy_coef), *_needs(hidden, weight))
+                               kl_estimator, float(entropy_coef), _clamp_value(log_ratio_clamp),
+                               _clamp_value(kl_clamp), *_needs(hidden, weight))
     return sums[SUM_LOSS], ppo_stats(sums)

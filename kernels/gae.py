@@ -181,15 +181,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 # ---------------------------------------------------------------- critic-free baselines
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *,
                      group_size: int | None = None, normalize_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
-    """GRPO-style advantages (B,): reward minus its group's mean, divided by the group's (unbiased)
-    std when normalize_std. Groups are given by group_ids (B,) (any integers) or by consecutive
-    blocks of group_size. A group of one gets advantage 0. Broadcast to tokens with
-    `adv[:, None] * mask`."""
+                     eps: float = 1e-6, std_floor: float = 1e-5) -> torch.Tensor:
+    """GRPO-style advantages (B,) fp32: reward minus its group's mean, divided by
+    max(std, std_floor * max(1, |mean|)) + eps when normalize_std (std: the group's unbiased std).
+    Groups are given by group_ids (B,) (any integers) or by consecutive blocks of group_size.
+    Broadcast to tokens with `adv[:, None] * mask`.
+
+    Groups without real spread get ~0, not +-1 from rounding noise:
+    - the mean is taken of r - ref, ref = the group's max (an exact shift for nearby values), so a
+      group of equal rewards (and a group of one) centers to exactly 0, whatever their magnitude;
+    - std_floor (relative to the group's magnitude, floored at 1) keeps a spread at rounding level
+      (e.g. 1e-7 on rewards ~3) from being scaled up to unit size. The default 1e-5 is ~100 fp32
+      ulps: a spread of a few ulps gets |adv| < 0.1. A group whose std is above the floor gets the
+      usual (r - mean) / (std + eps), as in verl's GRPO. std_floor=0 turns the floor off."""
     if rewards.dim() != 1:
         raise ValueError(f"group_advantages: rewards must be (B,), got {tuple(rewards.shape)}")
     if (group_ids is None) == (group_size is None):
         raise ValueError("group_advantages: pass exactly one of group_ids and group_size")
+    if std_floor < 0 or eps < 0:
+        raise ValueError(f"group_advantages: eps and std_floor must be >= 0, got {eps}, {std_floor}")
     r = rewards.float()
     if group_size is not None:
         if group_size < 1 or r.numel() % group_size:
@@ -199,14 +209,18 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = Non
         raise ValueError(f"group_advantages: group_ids {tuple(group_ids.shape)} != rewards {tuple(r.shape)}")
     uniq, gid = torch.unique(group_ids, return_inverse=True)  # gid (B,): dense ids 0..G-1
     G = uniq.numel()
-    count = torch.zeros(G, device=r.device).index_add_(0, gid, torch.ones_like(r))  # (G,)
-    mean = torch.zeros(G, device=r.device).index_add_(0, gid, r) / count  # (G,)
-    centered = r - mean[gid]  # (B,)
+    zeros = torch.zeros(G, device=r.device)
+    count = zeros.index_add(0, gid, torch.ones_like(r))  # (G,)
+    ref = torch.full((G,), float("-inf"), device=r.device).scatter_reduce(0, gid, r, "amax")  # (G,)
+    d = r - ref[gid]  # (B,) exact for nearby values: 0 for equal rewards
+    d_mean = zeros.index_add(0, gid, d) / count  # (G,)
+    centered = d - d_mean[gid]  # (B,)
     if not normalize_std:
         return centered
-    var = torch.zeros(G, device=r.device).index_add_(0, gid, centered * centered) / (count - 1).clamp_min(1)
+    var = zeros.index_add(0, gid, centered * centered) / (count - 1).clamp_min(1)
     std = torch.where(count > 1, var.sqrt(), 1.0)  # (G,) singletons: centered is 0 anyway
-    return centered / (std[gid] + eps)
+    floor = std_floor * torch.clamp((ref + d_mean).abs(), min=1.0)  # (G,) ref + d_mean: the mean
+    return centered / (torch.maximum(std, floor)[gid] + eps)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,

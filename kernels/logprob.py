@@ -6,7 +6,8 @@
 
 Math, with z = hidden @ weight.T / temperature (one row per token):
     lse = logsumexp(z),  logp = z[label] - lse,  entropy = lse - sum_j softmax(z)_j z_j
-Labels < 0 (e.g. -100 on prompt tokens) are ignored tokens: logp = 0, no gradient through it.
+Labels < 0 (e.g. -100 on prompt tokens) are ignored tokens: logp = 0, no gradient through it; a
+label >= V raises ValueError on every backend.
 
 How: a loop over blocks of the logits, (C tokens, Vb vocabulary columns) each, computed by one
 BLAS / cuBLAS matmul into a reused buffer and never all at once (CHUNK_ELEMENTS per block): on CPU
@@ -210,9 +211,23 @@ def check_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
 
 
+def check_labels(op: str, labels: torch.Tensor, vocab: int) -> None:
+    """ValueError if a label is >= vocab (labels < 0 are ignored tokens, any negative value). One
+    max() reduction and one host sync per call, not per chunk. Called inside the custom ops (so
+    torch.compile does not trace the sync): every row pass, not only C++'s, refuses such labels
+    (Triton and torch would silently give a wrong logp)."""
+    if labels.numel() == 0:
+        return
+    top = int(labels.max())  # host sync (one per call)
+    if top >= vocab:
+        raise ValueError(f"{op}: label {top} out of range for vocabulary size {vocab} "
+                         "(labels < 0 are ignored tokens)")
+
+
 # ---------------------------------------------------------------- forward / backward
 def _logprob_fwd_impl(hidden, weight, labels, temperature):
     n, v = hidden.shape[0], weight.shape[0]
+    check_labels("logprob", labels, v)
     rp = row_pass(hidden.device)
     tb, vb = block_shape(n, v, hidden.device, whole_rows=False)
     buf = block_buffer(tb, vb, weight, rp)

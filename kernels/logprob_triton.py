@@ -109,7 +109,8 @@ def _launch_config(v: int) -> tuple[int, int]:
 def row_stats_(logits: torch.Tensor, labels: torch.Tensor, v0: int, vocab: int, inv_temp: float,
                m: torch.Tensor, s: torch.Tensor, t: torch.Tensor, zl: torch.Tensor) -> None:
     """Merge a (C, Vb) logits block (columns v0 ..) into the per-row state (m, s, t, zl), (C,) fp32.
-    vocab (the full vocabulary size) is not needed on the GPU: labels are not bounds-checked here."""
+    vocab (the full vocabulary size) is not needed on the GPU: labels are not bounds-checked here
+    (kernels/logprob.py's check_labels does it once per call)."""
     assert logits.dim() == 2 and logits.stride(1) == 1, "logits must be (C, Vb), last dim contiguous"
     c, vb = logits.shape
     if c == 0:

@@ -171,6 +171,65 @@ def test_group_advantages():
         group_advantages(rewards, group_size=3)
 
 
+@pytest.mark.parametrize("value", [-2.93, 0.0, 1e6, -7.1e-5, 3e38])
+@pytest.mark.parametrize("size", [2, 7, 64])
+def test_group_advantages_equal_group_is_exactly_zero(value, size):
+    """All-equal scores carry no signal: 0, not (rounding of the mean) / (~0 std + eps)."""
+    r = torch.full((size,), value)
+    assert (group_advantages(r, group_size=size) == 0).all()
+    assert (group_advantages(r, group_size=size, normalize_std=False) == 0).all()
+    two = torch.cat([r, r - 1.0 if value != 3e38 else r / 2])  # two equal groups, different values
+    assert (group_advantages(two, group_size=size) == 0).all()
+
+
+@pytest.mark.parametrize("scale", [3.0, 1e6, -0.5])
+def test_group_advantages_near_equal_group_stays_small(scale):
+    """A spread at fp32 rounding level (differences ~1e-7 of the reward scale) gives ~0, not +-1."""
+    g = torch.Generator().manual_seed(0)
+    r = (scale * (1 + 1e-7 * torch.randn(64, generator=g)))
+    assert r.unique().numel() > 1  # really not all equal after rounding
+    adv = group_advantages(r, group_size=64)
+    assert adv.abs().max() < 0.1, adv.abs().max()
+    # the floor is what keeps it small: without it the noise is normalized to unit scale
+    raw = group_advantages(r, group_size=64, std_floor=0.0, eps=0.0)
+    assert raw.abs().max() > 0.5
+
+
+def test_group_advantages_normal_group_matches_formula():
+    """Away from the floor: (r - mean) / (std + eps), in fp64, within 1e-6 (verl's GRPO form)."""
+    g = torch.Generator().manual_seed(1)
+    for r in (torch.randn(16, generator=g) * 2 + 5, (torch.rand(8, generator=g) > 0.5).float(),
+              torch.tensor([0.0, 1.0, 1.0, 1.0]), torch.randn(64, generator=g) * 1e-3 + 0.5):
+        r64 = r.double()
+        std = r64.std()
+        for eps in (1e-6, 0.0):
+            expect = (r64 - r64.mean()) / (std + eps)
+            got = group_advantages(r, group_size=r.numel(), eps=eps)
+            assert (got.double() - expect).abs().max() <= 1e-6
+        assert abs(got.double().mean()) <= 1e-6
+
+
+def test_group_advantages_singletons_and_mixed_groups():
+    assert (group_advantages(torch.tensor([3.0, -1.0, 7.5]), group_size=1) == 0).all()
+    g = torch.Generator().manual_seed(2)
+    normal = torch.randn(6, generator=g)
+    near = 3 + 1e-7 * torch.randn(5, generator=g)
+    groups = {11: torch.full((5,), -2.93), 3: normal, 7: torch.tensor([4.0]), -2: near}
+    r = torch.cat(list(groups.values()))
+    ids = torch.cat([torch.full((t.numel(),), k) for k, t in groups.items()])
+    perm = torch.randperm(r.numel(), generator=g)  # interleaved groups
+    adv = torch.empty_like(r)
+    adv[perm] = group_advantages(r[perm], ids[perm])
+    sel = {k: ids == k for k in groups}
+    assert (adv[sel[11]] == 0).all() and (adv[sel[7]] == 0).all()
+    assert adv[sel[-2]].abs().max() < 0.1
+    n64 = normal.double()
+    expect = (n64 - n64.mean()) / (n64.std() + 1e-6)
+    assert (adv[sel[3]].double() - expect).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="std_floor"):
+        group_advantages(r, ids, std_floor=-1.0)
+
+
 def test_masked_whiten():
     x = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)) * 3 + 2
     mask = torch.rand(4, 30, generator=torch.Generator().manual_seed(1)) > 0.4

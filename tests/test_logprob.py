@@ -202,6 +202,28 @@ def test_fused_ppo_vs_autograd(backend, dtype, case, small_chunks, monkeypatch):
     assert _err(kernel[3], ref32[3]) <= TOL[dtype] * 10  # stats (clip fractions jump with bf16)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_ppo_extreme_log_ratios(backend, small_chunks, monkeypatch):
+    """old / reference log-probs 100 nats off: finite loss and gradients (verl-style clamps, on by
+    default), equal to the clamped autograd reference; with the clamps off the reference is not."""
+    monkeypatch.setenv("FASTAGENT_KERNELS", backend)
+    hidden, weight, labels = _inputs(37, 64, 2500, torch.float32, seed=3)
+    old, adv, tw, ref = _ppo_data(hidden, weight, labels)
+    old[:6] -= torch.tensor([100.0, -100.0, 100.0, -100.0, 25.0, -25.0])
+    ref[6:12] += torch.tensor([100.0, -100.0, 100.0, -100.0, 15.0, -15.0])
+    adv[:12] = torch.tensor([-1.0, 1.0] * 6)
+    data = (old, adv, tw, ref)
+    for kw in (PPO_CASES[1], dict(PPO_CASES[2], log_ratio_clamp=3.0, kl_clamp=None)):
+        kernel = _ppo_run(fused_linear_ppo_loss, hidden, weight, labels, data, kw)
+        ref32 = _ppo_run(fused_linear_ppo_loss_ref, hidden, weight, labels, data, kw)
+        assert all(torch.isfinite(t).all() for t in kernel)
+        for k, r in zip(kernel, ref32):
+            assert _err(k, r) <= TOL[torch.float32]
+    off = dict(PPO_CASES[1], log_ratio_clamp=None, kl_clamp=None)
+    loss_off = fused_linear_ppo_loss_ref(hidden, weight, labels, old, adv, tw, ref, **off)[0]
+    assert not torch.isfinite(loss_off)
+
+
 def test_fused_ppo_realistic_vocab():
     hidden, weight, labels = _inputs(6, 64, 151936, torch.float32)
     data = _ppo_data(hidden, weight, labels)
@@ -228,8 +250,39 @@ def test_user_errors():
         fused_linear_ppo_loss(hidden, weight, labels, old, adv, tw, None, kl_coef=0.1)
     with pytest.raises(ValueError, match="requires grad"):
         fused_linear_ppo_loss(hidden, weight, labels, old, adv.requires_grad_(), tw)
-    with pytest.raises(RuntimeError, match="out of range"):  # C++ bounds check
+    with pytest.raises(ValueError, match="out of range"):  # every backend (test_labels_out_of_range)
         logprob(hidden, weight, torch.full((4,), 50))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [0, 5])
+def test_labels_out_of_range(backend, offset, monkeypatch):
+    """A label >= V raises ValueError on every row pass (torch and Triton used to read a wrong
+    logp silently); labels < 0 (-1, -100) stay ignored tokens."""
+    monkeypatch.setenv("FASTAGENT_KERNELS", backend)
+    assert LP.row_pass(torch.device("cpu")).name == backend
+    v = 50
+    hidden, weight, labels = _inputs(6, 8, v, torch.float32)
+    labels[3] = v + offset
+    old, adv, tw, ref = _ppo_data(hidden, weight, labels.clamp(max=v - 1))
+    calls = {"logprob": lambda y: logprob(hidden, weight, y),
+             "fused CE": lambda y: fused_linear_cross_entropy(hidden.requires_grad_(), weight, y),
+             "fused PPO": lambda y: fused_linear_ppo_loss(hidden, weight, y, old, adv, tw, ref)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"label {v + offset} out of range for vocabulary size {v}"):
+            call(labels)
+        ok = labels.clone()
+        ok[3] = -1
+        call(ok)  # negative labels are fine
+
+
+def test_cpp_row_pass_still_checks_labels():
+    """The C++ row pass keeps its own bounds check (it indexes the logits block with the label)."""
+    ext = LP._cpp()
+    logits, labels = torch.randn(3, 10), torch.tensor([0, 10, -100])
+    state = LP.new_state(3, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.row_stats_(logits, labels, 0, 10, 1.0, *state)
 
 
 def test_failed_cpp_build_warns_once_and_falls_back():
@@ -259,7 +312,7 @@ def test_custom_op_registrations():
                              1.0, True, True),
         "fused_linear_ce": (h, w, labels, tw, 0.9, True, True),
         "fused_linear_ppo": (h, w, labels, tw - 2, torch.randn(5), tw, None, 1.0, 0.2, 0.2, 0.0, 0.0,
-                             "k3", 0.01, True, True),
+                             "k3", 0.01, 20.0, 10.0, True, True),
     }
     for name, args in cases.items():
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -367,6 +420,29 @@ TRITON_SCRIPT = textwrap.dedent("""
             outs.append((loss, *torch.autograd.grad(loss, (hh, ww))))
         errs = [err(k, r) for k, r in zip(*outs)]
         assert max(errs) < 1e-4, (name, errs)
+    # far-off old / reference log-probs: clamped like the reference (finite loss and gradients)
+    old2, ref2, adv2 = old.clone(), ref.clone(), adv.clone()
+    old2[:2] -= torch.tensor([100.0, -100.0]); ref2[3:5] += torch.tensor([100.0, -100.0])
+    adv2[:2] = torch.tensor([-1.0, 1.0])
+    outs = []
+    for f in (fused_linear_ppo_loss, fused_linear_ppo_loss_ref):
+        hh, ww = hid.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = f(hh, ww, y, old2, adv2, tw, ref2, **kw)[0]
+        outs.append((loss, *torch.autograd.grad(loss, (hh, ww))))
+    assert all(torch.isfinite(t).all() for t in outs[0])
+    errs = [err(k, r) for k, r in zip(*outs)]
+    assert max(errs) < 1e-4, ("ppo extreme", errs)
+    # labels >= V raise before any kernel runs (labels < 0 are ignored tokens)
+    for bad in (300, 305):
+        yb = y.clone(); yb[0] = bad
+        for f in (lambda: logprob(hid, w, yb), lambda: fused_linear_cross_entropy(hid, w, yb, tw),
+                  lambda: fused_linear_ppo_loss(hid, w, yb, old, adv, tw, ref, **kw)):
+            try:
+                f()
+            except ValueError as exc:
+                assert "out of range" in str(exc), exc
+            else:
+                raise AssertionError(f"label {bad} accepted")
     print("TRITON_OK")
 """)
 
