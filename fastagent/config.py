@@ -69,7 +69,7 @@ class Config:
     ppo_epochs: int = 1  # passes over each rollout batch
     rl_lr: float = 1e-6  # policy learning rate
     critic_lr: float = 1e-5  # value head learning rate (PPO with critic)
-    advantage: str = "gae"  # gae (PPO with a critic) | group (critic-free group baseline)
+    advantage: str = "group"  # group (critic-free group baseline) | gae (PPO with a critic: not built yet)
     gamma: float = 1.0  # discount (one action per sample: 1.0 is the paper's setting)
     lam: float = 0.95  # GAE lambda
     clip_low: float = 0.2  # PPO ratio clip below 1
@@ -89,6 +89,9 @@ class Config:
     reward_corner_case: float = 0.0  # not the agent's fault: time limit, out of memory
     reward_no_score: float = 0.0  # valid action that produces no new score
     alpha_scale: float = 1.0  # multiplies every task's alpha in sigmoid(alpha * s * (m' - m))
+    reward_baseline: str = "last"  # last | best: the earlier score a new one is compared with ("best": a
+    # re-run that reaches an old best by luck earns nothing)
+    reward_center: bool = False  # subtract 0.5 from the score term, so an unchanged metric pays 0
     # --- logging and checkpoints ---
     log_every: int = 1  # optimizer steps between metric lines
     save_every: int = 50  # optimizer steps between checkpoints (0: only at the end)
@@ -243,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 CHOICES = {"stage": ("sft", "rl", "all"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"),
+           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"), "reward_baseline": ("last", "best"),
            "engine": ("auto", "vllm", "hf")}
 
 

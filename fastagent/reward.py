@@ -67,6 +67,9 @@ class RewardConfig:
         values = dict(format_error=cfg.reward_format_error, invalid_action=cfg.reward_invalid_action,
                       corner_case=cfg.reward_corner_case, no_score=cfg.reward_no_score,
                       alpha_scale=cfg.alpha_scale)
+        for field, name in (("baseline", "reward_baseline"), ("center", "reward_center")):
+            if hasattr(cfg, name):
+                values[field] = getattr(cfg, name)
         values.update(overrides)
         return cls(**values)
 

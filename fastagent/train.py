@@ -380,7 +380,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- RL
     if cfg.stage in ("rl", "all"):
-        print0("[rl] stage not built yet (see the open issues): skipping")
+        from fastagent.rl import train_rl
+        data = expert_data(cfg, info, run_dir)
+        if data is not None:
+            del model  # RL loads its start weights (run_dir/sft/model, or cfg.model) itself
+            try:
+                train_rl(cfg, info, tokenizer, run_dir, metrics, data)
+            except (ConfigError, DataError) as e:
+                print0(f"error: {e}", file=sys.stderr)
+                metrics.close()
+                return 2
     metrics.close()
     print0(f"[done] metrics in {metrics.path}; plot them with: python -m fastagent.plot {metrics.path}")
     dist.teardown()

@@ -27,6 +27,8 @@ def test_smoke_preset_on_two_ranks(tmp_path):
     assert "[setup] 2 rank(s) on cpu" in out.stdout and "[probe]" in out.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["probe_tokens"] > 0
+    rl = [r for r in rows if "rl_reward_mean" in r]  # step-wise RL on 2 ranks, one vLLM engine per rank
+    assert [r["step"] for r in rl] == [1, 2] and all(r["rl_logp_gap"] < 1e-4 for r in rl)
     # the random model cannot write an action: the environment says so and the reward module gives -1
     assert rows[0]["probe_reward"] == -1.0 and "(format_error)" in out.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "tiny-random"
@@ -36,9 +38,12 @@ def test_smoke_preset_on_two_ranks(tmp_path):
 def test_default_main_job(tmp_path):
     """The README's main command on its default (SmolLM2-135M-Instruct, CPU): model, probe, the expert
     data (10 real episodes), then SFT cut to 2 optimizer steps (the full default stage takes ~20 min,
-    too long for CI) and the saved model."""
-    out = run_main(tmp_path, 1, "--sft_max_steps=2")
+    too long for CI) and the saved model, then one step-wise RL step (2 states x 2 samples, vLLM) from it."""
+    out = run_main(tmp_path, 1, "--sft_max_steps=2", "--rl_steps=1", "--states_per_step=2", "--samples_per_state=2",
+                   "--max_new_tokens=96")
     assert "[expert] 10 episodes" in out.stdout
     assert (tmp_path / "run" / "sft" / "model" / "config.json").exists()
+    assert "[rl] step 1: reward" in out.stdout and f"start weights {tmp_path / 'run' / 'sft' / 'model'}" in out.stdout
+    assert (tmp_path / "run" / "rl" / "model" / "config.json").exists()
     assert "smollm2-135m-instruct" in out.stdout and "[probe] task anes-vote" in out.stdout
     assert "--- observation ---" in out.stdout
