@@ -166,7 +166,10 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     envs: dict[tuple[str, int], Env] = {}
     helper = env_helper(cfg, engine, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    with Pool(workers=cfg.workers, hide=[root, run_dir, *hide_paths([get_task(t) for t in tasks])]) as pool:
+    # hidden from agent code: this run (models, checkpoints, snapshots), the expert run's folder (its task
+    # caches hold the answers) wherever --expert_data put it, and what the tasks list
+    hide = [root, run_dir, data.parent, *{Path(s.store) for s in states.states}, *hide_paths([get_task(t) for t in tasks])]
+    with Pool(workers=cfg.workers, hide=hide) as pool:
         bar = progress(range(start, cfg.rl_steps), total=cfg.rl_steps - start, desc="rl", unit="step")
         for step in bar:
             times: dict[str, float] = {}
@@ -185,7 +188,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             for j, (s, _) in enumerate(samples):
                 env = envs.get((s.task, j))
                 if env is None:
-                    env = envs[(s.task, j)] = Env(get_task(s.task), pool, root / f"slot{j}", seed=cfg.seed, cfg=cfg,
+                    env = envs[(s.task, j)] = Env(get_task(s.task), pool, root, seed=cfg.seed, cfg=cfg,
                                                   store=Store(s.store), helper=helper)
                 env.reset(state=s.env_state)
                 run_envs.append(env)
