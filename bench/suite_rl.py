@@ -46,7 +46,7 @@ def run(args) -> dict:
         cfg = replace(cfg, max_episode_steps=3, max_new_tokens=32, states_per_step=2, samples_per_state=2)
     name = args.model or cfg.model
     model_dir = resolve_model(name)
-    B, K, L = cfg.states_per_step, cfg.samples_per_state, cfg.max_episode_steps
+    B, K = cfg.states_per_step, cfg.samples_per_state  # episodes end at cfg.max_episode_steps (the Env)
     tmp = Path(tempfile.mkdtemp(prefix="bench-rl-"))
     tasks = list_tasks(cfg.train_tasks)[:B]
     traj = generate_expert_data(replace(cfg, num_diverse_ideas=3), tmp / "expert" / "expert.traj", episodes=B,
