@@ -2,7 +2,7 @@
 
 Each suite lives in bench/suite_<name>.py and exposes `run(args) -> dict`; ratios are measured in
 the same run (these machines are noisy), never compared against numbers from another run.
-Suites: kernels (K1-K3), sandbox (E1), env (E2), train (T1), and more as the stages land. `--suite all` runs
+Suites: kernels (K1-K3), sandbox (E1), env (E2), train (T1), rollout (G1), rl (S1, rl_samples_per_hour). `--suite all` runs
 every suite present and merges their JSON.
 """
 
