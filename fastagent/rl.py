@@ -55,6 +55,19 @@ def rollout_rows(prompt_lens: list[int], comp_lens: list[int], width: int) -> to
     return torch.tensor(rows, dtype=torch.long)
 
 
+def collect_snapshots(states) -> int:
+    """Delete from each snapshot store every snapshot and object that no state of the pool needs (the
+    workspaces RL samples leave behind); returns the snapshots removed. The states' snapshots and the
+    Undo blobs their histories may still use stay."""
+    from fastagent.workspace import Store
+    removed = 0
+    for store in sorted({s.store for s in states.states}):
+        mine = [s for s in states.states if s.store == store]
+        blobs = {sha for s in mine for shas in s.env_state.get("undo", {}).values() for sha in shas if sha}
+        removed += Store(store).gc({s.snapshot for s in mine}, blobs)[1]
+    return removed
+
+
 def is_rerun(env_state: dict[str, Any], info: dict[str, Any]) -> bool:
     """The sample only re-runs an unchanged script: Execute Script of the script the state's last turn
     already executed (no edit in between)."""
@@ -363,6 +376,9 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                    f"{row['rl_format_error_rate']:.0%}, kinds {dict(kinds)}; gap {row['rl_logp_gap']:.2e}; "
                    + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in times.items()))
             if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.rl_steps:
+                if info.is_main:  # the samples' snapshots are never used again: keep the states' only
+                    collect_snapshots(states)
+                dist.barrier()
                 if critic is not None:  # first, so a policy checkpoint always has its critic beside it
                     ckpt.save(critic_dir, step + 1, critic, critic_opt, {})
                 ckpt.save(ckpt_dir, step + 1, model, optimizer, {"sampler": sampler.state_dict()})

@@ -91,6 +91,14 @@ def test_rl_stage_with_a_critic_and_its_resume(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if "rl_value_loss" in r]
     assert [r["step"] for r in rl] == [1, 2] and all(r["rl_logp_gap"] < 1e-4 for r in rl)
+    # the samples' workspaces were collected at each checkpoint; every state can still be restored
+    from fastagent.states import StatesPool
+    from fastagent.workspace import Store
+    states = StatesPool.load(run / "rl" / "states.pt")
+    store = Store(states.states[0].store)
+    left = {p.name[:-5] for p in (store.root / "snapshots").glob("*.json")}
+    assert left == {s.snapshot for s in states.states}
+    store.restore(states.states[-1].snapshot, tmp_path / "restored")
 
 
 def test_resume_repeats_the_uninterrupted_run(tmp_path):
