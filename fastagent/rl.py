@@ -123,15 +123,26 @@ def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list
     return loss.detach(), stats, gap
 
 
-def critic_values(critic, seqs: list[tuple], micro: int, pad_id: int, device: torch.device) -> list[list[float]]:
+def micro_batches(seqs: list, micro: int, dummy: Any) -> list[tuple[list, bool]]:
+    """seqs cut into micro-batches, then padded with (one dummy sample, False) up to the largest count
+    on any rank: FSDP2 gathers parameters in every forward, so every rank must run as many (a dummy is
+    computed with weight 0 and its outputs dropped)."""
+    chunks = [(seqs[i:i + micro], True) for i in range(0, len(seqs), micro)]
+    most = torch.tensor(len(chunks))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return chunks + [([dummy], False)] * (int(most) - len(chunks))
+
+
+def critic_values(critic, seqs: list[tuple], micro: int, pad_id: int, device: torch.device,
+                  dummy: tuple) -> list[list[float]]:
     """The critic's value at every completion position of every sample (no grad), per sample."""
     out = []
     with torch.no_grad():
-        for i in range(0, len(seqs), micro):
-            chunk = seqs[i:i + micro]
+        for chunk, real in micro_batches(seqs, micro, dummy):
             ids, rows, _ = pack(chunk, pad_id, device)
             v = critic(ids, rows).tolist()
-            for x in chunk:
+            for x in chunk if real else []:
                 out.append(v[:len(x[1])])
                 v = v[len(x[1]):]
     return out
@@ -300,6 +311,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             # GAE with the critic's values (one action, gamma = lam = 1: A_t = R - V_t)
             t0 = time.perf_counter()
             micro = max(cfg.micro_batch_size, 1)
+            dummy = (batch[0].prompt_ids, [stops[0]], [0.0], 0.0, [0.0], [0.0])  # weight 0 (micro_batches)
             kept = [(s, c, float(r)) for (s, c), r, good in zip(samples, rewards, ok) if good and c.token_ids]
             old_values = returns = None
             if critic is None:
@@ -307,7 +319,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                 per = [float(a) for (_, c), a, good in zip(samples, adv, ok) if good and c.token_ids]
             else:
                 base = [(s.prompt_ids, c.token_ids) for s, c, _ in kept]
-                old_values = critic_values(critic, base, micro, pad_id, info.device)
+                old_values = critic_values(critic, base, micro, pad_id, info.device, dummy[:2])
                 per, returns = gae_advantages([r for *_, r in kept], old_values, cfg) if kept else ([], [])
             seqs = [(s.prompt_ids, c.token_ids, c.logprobs, a) for (s, c, _), a in zip(kept, per)]
             times["advantages_s"] = time.perf_counter() - t0
@@ -320,9 +332,11 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             loss_sum, gap_sum, stats_acc = 0.0, 0.0, defaultdict(float)
             vloss_sum, vclip = 0.0, []
             for _ in range(cfg.ppo_epochs):
-                for i in range(0, len(seqs), micro):
-                    chunk = seqs[i:i + micro]
-                    loss, stats, gap = ppo_micro_step(model, ref_model, chunk, token_w, cfg, pad_id, info.device)
+                for chunk, real in micro_batches(seqs, micro, dummy[:4]):
+                    loss, stats, gap = ppo_micro_step(model, ref_model, chunk, token_w if real else 0.0, cfg, pad_id,
+                                                      info.device)
+                    if not real:
+                        continue
                     n = sum(len(c) for _, c, _, _ in chunk)
                     loss_sum += float(loss)
                     gap_sum += float(gap)
@@ -335,10 +349,12 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if critic is not None:  # the value model's own step, on the same samples
-                    for i in range(0, len(seqs), micro):
-                        vl, vf = critic_micro_step(critic, seqs[i:i + micro], old_values[i:i + micro],
-                                                   returns[i:i + micro], token_w, cfg, pad_id, info.device)
-                        vloss_sum, vclip = vloss_sum + vl, vclip + [vf]
+                    targets = [x + (v, r) for x, v, r in zip(seqs, old_values, returns)]
+                    for chunk, real in micro_batches(targets, micro, dummy):
+                        vl, vf = critic_micro_step(critic, chunk, [x[4] for x in chunk], [x[5] for x in chunk],
+                                                   token_w if real else 0.0, cfg, pad_id, info.device)
+                        if real:
+                            vloss_sum, vclip = vloss_sum + vl, vclip + [vf]
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                     critic_opt.step()
                     critic_opt.zero_grad(set_to_none=True)

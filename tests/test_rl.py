@@ -127,3 +127,38 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
     assert whole[3]["rl_value_mean"] != whole[1]["rl_value_mean"]  # the critic moved: the check can fail
     for step in (1, 2, 3):
         assert {k: resumed[step][k] for k in keys} == {k: whole[step][k] for k in keys}, step
+
+
+UNEVEN = r'''
+import sys, torch
+from dataclasses import replace
+from fastagent import dist
+from fastagent.config import smoke
+from fastagent.model import load_model
+from fastagent.rl import micro_batches, ppo_micro_step
+if __name__ == "__main__":
+    info = dist.init("cpu")
+    model = dist.shard_model(load_model(sys.argv[1])[0])
+    seqs = [([5, 6, 7], [8, 9], [-1.0, -1.0], 1.0)] * (3 if info.rank == 0 else 1)  # 3 micro-batches vs 1
+    chunks = micro_batches(seqs, 1, ([5], [8], [0.0], 0.0))
+    for chunk, real in chunks:
+        ppo_micro_step(model, None, chunk, 0.1 if real else 0.0, replace(smoke()), 0, torch.device("cpu"))
+    open(f"{sys.argv[2]}/rank{info.rank}", "w").write(f"{len(chunks)} {sum(r for _, r in chunks)}")
+    dist.teardown()
+'''
+
+
+def test_ranks_with_fewer_samples_run_padding_micro_batches(tmp_path):
+    """FSDP2 gathers in every forward: a rank with fewer samples must still run as many micro-batches
+    (zero-weight dummies), or the other rank waits forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    d = build_tiny_random(tmp_path / "tiny", seed=0)
+    script = tmp_path / "uneven.py"
+    script.write_text(UNEVEN)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(d), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "rank0").read_text() == "3 3" and (tmp_path / "rank1").read_text() == "3 1"
