@@ -113,9 +113,9 @@ def cpu() -> Config:
     """SmolLM2-135M-Instruct on a 2-core CPU machine: the default."""
     # Sized so the expert and SFT stages fit ~20 min on 2 cores: 10 episodes (~110 steps, ~1,700 tokens
     # each with one past step in the prompt), one epoch of 4-sample steps at ~230 training tokens/s;
-    # RL ~15 min: 6 steps of 4 states x 4 samples at ~2.5 min each (generate ~45 s, update ~100 s).
+    # RL ~15 min: 5 steps of 4 states x 4 samples at 2.5-3.7 min each (generate 45-85 s, update 100-150 s).
     return Config(run_dir="runs/cpu", max_seq_len=2560, history_k=1, max_obs_chars=1500, expert_episodes=1,
-                  sft_epochs=1, batch_size=4, micro_batch_size=2, sft_lr=1e-4, rl_steps=6, states_per_step=4,
+                  sft_epochs=1, batch_size=4, micro_batch_size=2, sft_lr=1e-4, rl_steps=5, states_per_step=4,
                   samples_per_state=4, max_new_tokens=640,  # expert turns: median 262 tokens, max ~550
                   rl_lr=2e-6, advantage="group")  # a critic would double the update's cost on 2 cores
 

@@ -40,6 +40,7 @@ import torch
 from fastagent import dist
 from fastagent.config import Config, ConfigError
 from fastagent.log import Metrics, print0
+from fastagent.reward import KINDS
 
 
 def start_model_dir(cfg: Config, run_dir: Path) -> Path:
@@ -375,7 +376,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
                    "rl_grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                    "rl_new_tokens": float(n_tok), "rl_failed_steps": len(ok) - sum(ok),
                    **{f"rl_{k}": v / local_tokens for k, v in stats_acc.items()},
-                   **{f"rl_kind_{k}": v / n_ok for k, v in kinds.items()},
+                   **{f"rl_kind_{k}": kinds.get(k, 0) / n_ok for k in KINDS},  # every kind, 0 included: plots
                    **{f"rl_reward_action_{a.replace(' ', '_')}": sum(v) / len(v) for a, v in by_action.items()},
                    **{f"rl_reward_task_{t}": sum(v) / len(v) for t, v in by_task.items()},
                    # a seed-search exploit shows here: re-running an unchanged script, and what it pays

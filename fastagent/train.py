@@ -8,8 +8,8 @@ Every Config field is a `--field=value` flag (fastagent/config.py); `--config=ru
 
 Stages, in order: model (obtain, convert and check the base model) -> probe (one real agent step:
 the policy writes a turn on the first training task, the environment executes it in the sandbox
-pool, the reward module scores it) -> sft (exploration-enriched fine-tuning) -> rl (step-wise PPO). Stages that are not built yet
-are reported as such and skipped; the run still exits 0 after the stages that exist.
+pool, the reward module scores it) -> sft (exploration-enriched fine-tuning, below) -> rl (step-wise PPO
+from the SFT model: fastagent/rl.py). Evaluation (Table 1) is not built yet.
 """
 
 from __future__ import annotations

@@ -105,8 +105,38 @@ def test_sleep_and_wake(tiny):
         engine.sleep(3)
 
 
+def test_policy_engine_answers_the_helper_actions(tiny, tmp_path):
+    """helper_model="policy": Understand File and Edit Script (AI) are offered and answered by the engine."""
+    from dataclasses import replace
+
+    from fastagent.config import smoke
+    from fastagent.env import Env
+    from fastagent.rollout.helper import env_helper
+    from fastagent.sandbox import Pool
+    from fastagent.tasks import get_task
+    _, _, tok, engine = tiny
+    cfg = replace(smoke(), max_new_tokens=24)
+    helper = env_helper(cfg, engine, tok)
+    assert env_helper(cfg, None, tok) is None
+    assert env_helper(replace(cfg, helper_model="http://127.0.0.1:9/v1"), engine, tok) == "http://127.0.0.1:9/v1"
+    with pytest.raises(ValueError, match="helper_model"):
+        env_helper(replace(cfg, helper_model="gpt"), engine, tok)
+    with Pool(workers=1, hide=[tmp_path]) as pool:
+        env = Env(get_task("digits"), pool, tmp_path / "env", seed=0, cfg=cfg, helper=helper)
+        env.reset()
+        assert {"Understand File", "Edit Script (AI)"} <= set(env.actions)
+        turn = ('Reflection: n/a\nResearch Plan and Status: 1. read\nFact Check: none\nThought: read it\n'
+                'Action: Understand File\nAction Input: {"file_name": "train.py", "things_to_look_for": "the model"}')
+        obs, _, _, info = env.step(turn)
+        assert info["reward"]["kind"] == "no_score" and obs.strip(), obs
+        assert env.step(turn)[0] == obs  # greedy: the same file and question give the same answer
+        env.close()
+
+
 def test_smollm2_parity_with_a_cached_long_prompt():
-    """SmolLM2 (tied head, repacked after every reload) and a prompt over 128 tokens whose prefix blocks
+    """(After every test of the module's tiny engine: closing an engine tears down vLLM's process-wide
+    parallel state, so the other engine of the process could not generate after it.)
+    SmolLM2 (tied head, repacked after every reload) and a prompt over 128 tokens whose prefix blocks
     are cached from before the update: stale blocks would show up as a log-prob gap."""
     from fastagent.model import resolve_model
     d = resolve_model("smollm2-135m-instruct")
@@ -175,30 +205,3 @@ def test_two_ranks_one_engine_each(tmp_path):
     for r in results:
         assert r["sharded"] == "DTensor" and r["gap"] < TOL and r["same_after_sleep"] and r["alive"] == 2.0
 
-
-def test_policy_engine_answers_the_helper_actions(tiny, tmp_path):
-    """helper_model="policy": Understand File and Edit Script (AI) are offered and answered by the engine."""
-    from dataclasses import replace
-
-    from fastagent.config import smoke
-    from fastagent.env import Env
-    from fastagent.rollout.helper import env_helper
-    from fastagent.sandbox import Pool
-    from fastagent.tasks import get_task
-    _, _, tok, engine = tiny
-    cfg = replace(smoke(), max_new_tokens=24)
-    helper = env_helper(cfg, engine, tok)
-    assert env_helper(cfg, None, tok) is None
-    assert env_helper(replace(cfg, helper_model="http://127.0.0.1:9/v1"), engine, tok) == "http://127.0.0.1:9/v1"
-    with pytest.raises(ValueError, match="helper_model"):
-        env_helper(replace(cfg, helper_model="gpt"), engine, tok)
-    with Pool(workers=1, hide=[tmp_path]) as pool:
-        env = Env(get_task("digits"), pool, tmp_path / "env", seed=0, cfg=cfg, helper=helper)
-        env.reset()
-        assert {"Understand File", "Edit Script (AI)"} <= set(env.actions)
-        turn = ('Reflection: n/a\nResearch Plan and Status: 1. read\nFact Check: none\nThought: read it\n'
-                'Action: Understand File\nAction Input: {"file_name": "train.py", "things_to_look_for": "the model"}')
-        obs, _, _, info = env.step(turn)
-        assert info["reward"]["kind"] == "no_score" and obs.strip()
-        assert env.step(turn)[0] == obs  # greedy: the same file and question give the same answer
-        env.close()

@@ -21,6 +21,10 @@ def policy_helper(engine: Engine, tokenizer: Any, max_new_tokens: int = 1024,
                   max_prompt_tokens: int = 3072) -> Callable[[str], str]:
     """A callable prompt -> text answered by engine: the prompt is one user turn in the policy's chat
     format (cut to its last max_prompt_tokens tokens), the answer ends at the turn's end token."""
+    room = getattr(engine, "max_model_len", None)  # the engine's own limit wins: prompt + answer must fit
+    if room:
+        max_new_tokens = min(max_new_tokens, max(room // 4, 1))
+        max_prompt_tokens = min(max_prompt_tokens, room - max_new_tokens)
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids(tokenizer)))
 
     def helper(prompt: str) -> str:

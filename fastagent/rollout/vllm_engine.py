@@ -3,7 +3,8 @@
     engine = VllmEngine(model_dir, max_model_len=2560, seed=0)   # inside `if __name__ == "__main__":`
     sync_weights(engine, model, version)                          # reload, head repack, prefix-cache reset
 
-One engine per training process. Alone (no process group, or world size 1) it runs vLLM's uni
+One engine per training process: vLLM keeps its parallel state process-wide, and closing (or sleep(2)
+on CPU) any engine tears it down, so a second live engine in the same process stops working. Alone (no process group, or world size 1) it runs vLLM's uni
 executor; under torchrun it runs the external launcher with tensor_parallel_size=1, so every rank is
 its own engine that generates its own prompts independently (vLLM's "external data parallel"), the
 pattern TRL calls colocate and verl uses. Why one engine per rank and not one shared engine on rank 0:
