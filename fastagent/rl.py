@@ -191,7 +191,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     from fastagent.sandbox import Pool
     from fastagent.states import StateSampler, StatesPool
     from fastagent.tasks import get_task, hide_paths, list_tasks
-    from fastagent.train import make_optimizer
+    from fastagent.train import dist_sum, make_optimizer
     from fastagent.workspace import Store
 
     if cfg.states_per_step % info.world:
@@ -408,8 +408,3 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     print0(f"[rl] done: {cfg.rl_steps - start} steps this run, wall {time.perf_counter() - t_start:.1f}s; model in {out}")
     return out
 
-
-def dist_sum(x: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(x)
-    return x

@@ -104,14 +104,10 @@ class Engine:
     weights_device: torch.device | str | None = None  # where the engine wants the tensors (None: as they are)
 
     def __init__(self) -> None:
-        self.synced_step: int | None = 0 if self.loaded_base() else None
+        # the trainer's step-0 weights: an engine and its trainer load the same model folder
+        self.synced_step: int | None = 0
         self.asleep = 0  # 0 awake, 1 or 2 the sleep level
         self.closed = False
-
-    def loaded_base(self) -> bool:
-        """True when the engine starts from the same weights as the trainer's step 0 (both loaded from
-        one model folder): then generating before the first sync is on-policy."""
-        return True
 
     # --- generation ---
     def generate(self, prompts: list[list[int]], sampling: Sampling, version: WeightVersion | None = None,

@@ -93,7 +93,6 @@ class VllmEngine(Engine):
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enable_sleep = self.cuda if enable_sleep is None else enable_sleep
         self.enforce_eager = (not self.cuda) if enforce_eager is None else enforce_eager
-        self.supports_sleep_levels = (1, 2)
         self._kv_asleep = False
         self.start_s = 0.0
         self.llm = self._build()
