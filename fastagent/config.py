@@ -64,6 +64,8 @@ class Config:
     grad_clip: float = 1.0  # max global grad norm (0 disables)
     # --- step-wise RL ---
     rl_steps: int = 100  # PPO iterations
+    rl_mode: str = "step"  # step (single actions from expert states, the paper's) | episode (whole episodes
+    #                        of up to max_episode_steps turns from the task's start, GAE over the turns)
     states_per_step: int = 16  # expert states sampled per iteration
     samples_per_state: int = 4  # actions sampled per state (the group for the group baseline)
     ppo_epochs: int = 1  # passes over each rollout batch
@@ -248,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 CHOICES = {"stage": ("sft", "rl", "all"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"), "reward_baseline": ("last", "best"),
+           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"), "rl_mode": ("step", "episode"), "reward_baseline": ("last", "best"),
            "engine": ("auto", "vllm", "hf")}
 
 
