@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # --- run ---
-    stage: str = "all"  # sft | rl | all: which stages train.py runs
+    stage: str = "all"  # sft | rl | eval | all (sft, rl, then eval): which stages train.py runs
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, plots, trajectories
     seed: int = 0  # seeds torch, numpy, python and the generation engine
     device: str = "auto"  # auto | cpu | cuda
@@ -85,6 +85,11 @@ class Config:
     temperature: float = 1.0  # sampling temperature for RL rollouts
     top_p: float = 1.0  # nucleus sampling for RL rollouts
     max_new_tokens: int = 512  # tokens per agent turn
+    # --- evaluation ---
+    eval_episodes: int = 8  # full episodes per task and agent (the paper's 8)
+    eval_max_steps: int = 0  # agent turns per evaluation episode (0: max_episode_steps)
+    eval_time_limit_s: float = 3600.0  # wall clock per evaluation episode; past it, the episode ends at its next turn
+    eval_temperature: float = 1.0  # sampling temperature of evaluated models (0: greedy, then one episode suffices)
     # --- reward module (MISSION.md; constants are the paper's where published) ---
     reward_format_error: float = -1.0  # no parsable action, unknown action, bad arguments
     reward_invalid_action: float = -1.0  # action fails: missing file, agent script crashes
@@ -108,7 +113,7 @@ def smoke() -> Config:
                   step_timeout_s=30.0, max_episode_steps=4, num_ideas=8, num_diverse_ideas=3,
                   expert_episodes=1, sft_epochs=1, batch_size=2, micro_batch_size=2, rl_steps=2,
                   states_per_step=2, samples_per_state=2, max_new_tokens=64, rl_lr=1e-4, advantage="group",
-                  sft_lr=1e-4, save_every=0, tensorboard=False)
+                  sft_lr=1e-4, save_every=0, tensorboard=False, eval_episodes=1, eval_max_steps=2)
 
 
 def cpu() -> Config:
@@ -119,7 +124,8 @@ def cpu() -> Config:
     return Config(run_dir="runs/cpu", max_seq_len=2560, history_k=1, max_obs_chars=1500, expert_episodes=1,
                   sft_epochs=1, batch_size=4, micro_batch_size=2, sft_lr=1e-4, rl_steps=5, states_per_step=4,
                   samples_per_state=4, max_new_tokens=640,  # expert turns: median 262 tokens, max ~550
-                  rl_lr=2e-6, advantage="group")  # a critic would double the update's cost on 2 cores
+                  rl_lr=2e-6, advantage="group",  # a critic would double the update's cost on 2 cores
+                  eval_episodes=2, eval_max_steps=5, eval_time_limit_s=600.0)  # 3 models on 11 tasks: ~15 min
 
 
 def qwen2_5_7b() -> Config:
@@ -249,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-CHOICES = {"stage": ("sft", "rl", "all"), "device": ("auto", "cpu", "cuda"),
+CHOICES = {"stage": ("sft", "rl", "eval", "all"), "device": ("auto", "cpu", "cuda"),
            "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"), "rl_mode": ("step", "episode"), "reward_baseline": ("last", "best"),
            "engine": ("auto", "vllm", "hf")}
 
@@ -262,9 +268,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config field '{name}' must be one of {', '.join(options)}; "
                               f"got '{value}'{_closest(value, options)}")
     for name in ("workers", "micro_batch_size", "batch_size", "max_seq_len", "max_new_tokens",
-                 "samples_per_state", "states_per_step", "ppo_epochs", "max_episode_steps"):
+                 "samples_per_state", "states_per_step", "ppo_epochs", "max_episode_steps", "eval_episodes"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"config field '{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_max_steps < 0 or not cfg.eval_time_limit_s > 0 or cfg.eval_temperature < 0:
+        raise ConfigError(f"eval_max_steps must be >= 0 (0: max_episode_steps), eval_time_limit_s > 0 and "
+                          f"eval_temperature >= 0; got {cfg.eval_max_steps}, {cfg.eval_time_limit_s}, "
+                          f"{cfg.eval_temperature}")
     if cfg.batch_size % cfg.micro_batch_size:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
                           f"({cfg.micro_batch_size})")
