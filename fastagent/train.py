@@ -9,7 +9,8 @@ Every Config field is a `--field=value` flag (fastagent/config.py); `--config=ru
 Stages, in order: model (obtain, convert and check the base model) -> probe (one real agent step:
 the policy writes a turn on the first training task, the environment executes it in the sandbox
 pool, the reward module scores it) -> sft (exploration-enriched fine-tuning, below) -> rl (step-wise PPO
-from the SFT model: fastagent/rl.py). Evaluation (Table 1) is not built yet.
+from the SFT model: fastagent/rl.py) -> eval (full episodes of the base, SFT and RL models on the held-out
+tasks, the paper's Table 1: fastagent/eval.py, into run_dir/eval). `--stage=eval` runs the evaluation alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -314,6 +316,44 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
     return model
 
 
+# ---------------------------------------------------------------- evaluation
+
+# set by torchrun for its workers; the evaluation's child process is a plain single process
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def eval_stage(cfg: Config, info: dist.DistInfo, run_dir: Path) -> int:
+    """Evaluate the base model (cfg.model), run_dir/sft/model and run_dir/rl/model, those that exist, on
+    cfg.eval_tasks into run_dir/eval (table.md, results.json, PNGs; fastagent/eval.py) and print the table.
+
+    Rank 0 runs `python -m fastagent.eval` in a child process while the other ranks wait at a barrier:
+    the child is a fresh single process, so it gets vLLM's single-process executor and none of the
+    trainer's process-wide state (the torchrun process group, vLLM's state from the RL engine), and it
+    evaluates the models one after another, one engine alive at a time. Splitting the episodes over ranks
+    would be faster on several GPUs; on one machine the sandbox pool, not the ranks, runs the episodes
+    in parallel. Returns the child's exit code (0 on the other ranks)."""
+    agents = [f"base={cfg.model}"] + [f"{stage}={run_dir / stage / 'model'}" for stage in ("sft", "rl")
+                                      if (run_dir / stage / "model" / "config.json").is_file()]
+    # the other ranks may wait for hours at the paper's scale: a gloo group with a long timeout
+    wait = (torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+            if torch.distributed.is_initialized() else None)
+    rc = 0
+    if info.is_main:
+        # every setting but the model (eval's --model names an agent; the agents are listed below)
+        flags = [f"--{k}={v}" for k, v in asdict(cfg).items() if k not in ("stage", "model")]
+        cmd = [sys.executable, "-m", "fastagent.eval", *flags, f"--out={run_dir / 'eval'}", f"--hide={run_dir}",
+               "--agents", *agents]
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+        root = str(Path(__file__).resolve().parents[1])  # this checkout's fastagent, not an installed one
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        print0(f"[eval] {', '.join(agents)} on {cfg.eval_tasks} tasks, {cfg.eval_episodes} episode(s) each")
+        rc = subprocess.run(cmd, env=env).returncode
+    if wait is not None:
+        torch.distributed.barrier(group=wait)
+    return rc
+
+
 def model_dtype(cfg: Config, info: dist.DistInfo) -> torch.dtype:
     from fastagent.model import resolve_dtype
     return resolve_dtype(cfg.dtype, info.device)
@@ -390,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
                 print0(f"error: {e}", file=sys.stderr)
                 metrics.close()
                 return 2
+
+    # ---- evaluation: base vs SFT vs RL in full episodes on the held-out tasks (Table 1)
+    if cfg.stage in ("eval", "all"):
+        rc = eval_stage(cfg, info, run_dir)
+        if rc:
+            print0(f"error: the evaluation failed (exit code {rc}); see its output above. Rerun with "
+                   f"--stage=eval: finished episodes in {run_dir / 'eval' / 'episodes'} are kept", file=sys.stderr)
+            metrics.close()
+            return rc
     metrics.close()
     print0(f"[done] metrics in {metrics.path}; plot them with: python -m fastagent.plot {metrics.path}")
     dist.teardown()
