@@ -12,7 +12,9 @@ Same model, engine (the RL loop's), B and machine, in one run:
 S1_ratio = episode-wise wall seconds / step-wise wall seconds (target >= 10; the paper reports ~24x in
 GPU-hours). rl_samples_per_hour: one full step-wise iteration of the cpu preset's shape (B states x K
 samples: generate, execute, score, group advantages, one PPO update through the fused loss, weight sync)
-timed phase by phase, samples / its wall time.
+timed phase by phase, samples / its wall time. P1_ratio: that update's forward + backward with each
+state's K samples in their own padded rows over shared-prefix packing (the prompt once per state, the
+loop's default where attention takes a mask), on the same samples.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def run(args) -> dict:
     from fastagent.expert.generate import generate_expert_data
     from fastagent.kernels import group_advantages
     from fastagent.model import load_model, resolve_model
-    from fastagent.rl import ppo_micro_step
+    from fastagent.rl import can_share, micro_batches, ppo_micro_step
     from fastagent.rollout import Sampling, WeightVersion, make_engine, sync_weights
     from fastagent.sandbox import Pool
     from fastagent.states import StateSampler, StatesPool
@@ -115,9 +117,14 @@ def run(args) -> dict:
         adv = group_advantages(torch.tensor([r[1] for r in res]), group_size=K)
         seqs = [(s.prompt_ids, c.token_ids, c.logprobs, float(a)) for (s, c), a in zip(samples, adv) if c.token_ids]
         n_tok = sum(len(x[1]) for x in seqs)
-        for i in range(0, len(seqs), cfg.micro_batch_size):
-            ppo_micro_step(model, None, seqs[i:i + cfg.micro_batch_size], 1.0 / max(n_tok, 1), cfg,
-                           tok.pad_token_id or 0, torch.device("cpu"))
+
+        def update(share: bool) -> float:  # forward + backward of the whole batch, as the loop cuts it
+            t = time.perf_counter()
+            for chunk, _ in micro_batches(seqs, cfg.micro_batch_size, None, share):
+                ppo_micro_step(model, None, chunk, 1.0 / max(n_tok, 1), cfg, tok.pad_token_id or 0,
+                               torch.device("cpu"), share)
+            return time.perf_counter() - t
+        update(can_share(model))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         phases["update_s"] = time.perf_counter() - t0
@@ -129,6 +136,11 @@ def run(args) -> dict:
         for env in envs:
             env.close()
     engine.close()
+    # ---- P1: the same update with each state's K samples in separate padded rows vs one shared-prefix row
+    separate, shared = update(False), update(True)
+    optimizer.zero_grad(set_to_none=True)
+    out.update(P1_update_separate_s=round(separate, 2), P1_update_shared_s=round(shared, 2),
+               P1_ratio=round(separate / shared, 2))
     out.update(rl_samples_per_hour=round(len(samples) * 3600 / wall, 1), rl_iteration_s=round(wall, 1),
                rl_batch=f"{B}x{K}", rl_new_tokens=n_tok, **{f"rl_{k}": round(v, 2) for k, v in phases.items()})
     return out

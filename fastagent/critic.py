@@ -34,9 +34,12 @@ class Critic(nn.Module):
         critic.model.config.use_cache = False
         return critic
 
-    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Values (B, T), or only at the flat positions rows (b * T + t) when given: (N,)."""
-        h = self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H), final norm applied
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Values (B, T), or only at the flat positions rows (b * T + t) when given: (N,). A 4D mask and
+        positions come from shared-prefix packing (fastagent.rl.pack)."""
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
+        h = self.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state  # (B, T, H), final norm
         if rows is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, rows)
         return self.value_head(h).squeeze(-1).float()
