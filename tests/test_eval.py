@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from fastagent.config import smoke
-from fastagent.eval import evaluate, main, medal_shares, medal_thresholds, rel_gain
+from fastagent.eval import evaluate, main
+from fastagent.eval_report import medal_shares, medal_thresholds, rel_gain
 from fastagent.tasks import get_task, load_mlebench, materialize, score_submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,11 @@ def test_scripted_expert_full_episodes(tmp_path):
     board = rows["tiny-iris"]["leaderboard"]  # leaderboard: 1.0, 0.9778, 0.9556, 0.9333, 0.3333
     assert set(board) == {"above_median", "gold", "silver", "bronze", "any_medal"}
     assert "| expert | tiny-iris |" in table
+    # past the wall-clock limit no turn starts: the episode ends with the starter's score
+    late = evaluate(replace(cfg, eval_time_limit_s=1e-3, eval_episodes=1), [("late", "scripted")], tmp_path / "late",
+                    tasks[:1])
+    assert late["agents"]["late"]["tasks"]["gunpoint"]["ends"] == {"time_limit": 1}
+    assert late["agents"]["late"]["tasks"]["gunpoint"]["avg"] == late["agents"]["late"]["tasks"]["gunpoint"]["starter"]
 
 
 def test_medal_thresholds_on_a_real_leaderboard_fixture():
