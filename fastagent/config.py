@@ -88,7 +88,7 @@ class Config:
     # --- evaluation ---
     eval_episodes: int = 8  # full episodes per task and agent (the paper's 8)
     eval_max_steps: int = 0  # agent turns per evaluation episode (0: max_episode_steps)
-    eval_time_limit_s: float = 3600.0  # wall clock per evaluation episode; past it, the episode ends at its next turn
+    eval_time_limit_s: float = 3600.0  # wall clock per evaluation episode: a turn starts only if one as long as the last fits
     eval_temperature: float = 1.0  # sampling temperature of evaluated models (0: greedy, then one episode suffices)
     # --- reward module (MISSION.md; constants are the paper's where published) ---
     reward_format_error: float = -1.0  # no parsable action, unknown action, bad arguments
