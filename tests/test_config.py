@@ -41,7 +41,7 @@ def test_toml_then_cli(tmp_path):
     (["--seed=1.5"], "config field 'seed' must be of type int"),
     (["--tensorboard=maybe"], "config field 'tensorboard' must be of type bool"),
     (["--preset=smok"], "unknown preset 'smok'; did you mean 'smoke'"),
-    (["--stage=rll"], "config field 'stage' must be one of sft, rl, all; got 'rll'; did you mean 'rl'"),
+    (["--stage=rll"], "config field 'stage' must be one of sft, rl, eval, all; got 'rll'; did you mean 'rl'"),
     (["--workers=0"], "config field 'workers' must be >= 1"),
     (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
     (["seed=1"], "unexpected argument 'seed=1': use --field=value"),
