@@ -15,8 +15,10 @@
 #    step, sync_weights into HFEngine(device="cuda"), 8 prompts x 64 sampled tokens, log-prob parity
 #    with trainer_logprobs (fp32 <= 1e-4; bf16 loose), greedy tokens unchanged by sleep(1)/wake and by
 #    sleep(2)/wake/sync, memory freed by each sleep; sync seconds and generate tokens/s, for
-#    tiny-random and random weights in SmolLM2-135M's shapes. Its result line is `hf_engine {...}`.
-# Each step has its own timeout; the whole script stays under 8 minutes on an H200. The last line
+#    tiny-random and random weights in SmolLM2-135M's shapes. Its result line is `hf_engine {...}`;
+# 5. the whole trainer on one GPU (tiny model, smoke preset, HF engine): SFT, 2 RL iterations and the
+#    evaluation under torchrun; its result line is `rl_gpu {...}` (time per RL phase).
+# Each step has its own timeout; the whole script should stay under 10 minutes on an H200. The last line
 # of each benchmark is one JSON object. Exit status: 0 when every step passed.
 #
 # --dry-run runs steps 2, 3 and 4 with device="cpu", tiny shapes and TRITON_INTERPRET=1 (the Triton
@@ -174,5 +176,37 @@ print("hf_engine " + json.dumps(res))  # not a bare {...} line: the kernel bench
 sys.exit(0 if passed else 1)
 PY
 step "HF engine: sync, generate, sleep on the GPU" 180 "$PY" -P -c "$HF_CHECK" "${dry[@]}"
+
+# 5. The whole trainer on one GPU: train.py --preset=smoke --stage=all (probe, scripted expert data,
+# SFT, 2 step-wise RL iterations with the group baseline, evaluation of base/SFT/RL) under torchrun
+# with one rank (FSDP2 on one GPU, nccl), the HF engine, the tiny model. Prints `rl_gpu {...}`: the
+# time of each RL phase and the log-prob gap per iteration, and whether the eval table came out.
+# The task scripts need the task packages (scikit-learn, pandas): without them the step says so.
+# --dry-run: the same run with --device=cpu (the real kernels, not the interpreter).
+IFS= read -r -d '' RL_CHECK <<'PY' || true
+import json, os, subprocess, sys, tempfile
+from pathlib import Path
+dry = "--dry-run" in sys.argv
+try:
+    import pandas, sklearn  # noqa: F401  (the bundled tasks' scripts import them)
+except ImportError as e:
+    sys.exit(f"rl_gpu: the task packages are missing ({e}): carry them or pip install -e . first")
+run = Path(tempfile.mkdtemp(prefix="gpu-rl-")) / "run"
+env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTAGENT_KERNELS")}
+cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "fastagent/train.py",
+       "--preset=smoke", "--stage=all", "--engine=hf", "--rl_steps=2", f"--device={'cpu' if dry else 'cuda'}",
+       f"--run_dir={run}"]
+out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+tail = out.stdout[-3000:] + (out.stderr[-3000:] if out.returncode else "")
+print("\n".join("  " + line for line in tail.splitlines()), flush=True)  # indented: no bare {...} line
+rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+rl = [r for r in rows if "rl_update_s" in r]
+res = {"rc": out.returncode, "rl_steps": len(rl), "eval_table": (run / "eval" / "table.md").is_file(),
+       **{f"step{r['step']}_{k}": round(r[k], 3) for r in rl for k in r
+          if k.startswith("rl_") and k.endswith("_s") or k == "rl_logp_gap"}}
+print("rl_gpu " + json.dumps(res))
+sys.exit(0 if out.returncode == 0 and len(rl) == 2 and res["eval_table"] else 1)
+PY
+step "trainer: SFT, RL and eval on the GPU" 300 "$PY" -P -c "$RL_CHECK" "${dry[@]}"
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -50,7 +50,7 @@ def test_gpu_check_dry_run(tmp_path):
     env.pop("PYTHONPATH", None)
     env.pop("FASTAGENT_KERNELS", None)
     out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr[-4000:]
     assert out.returncode == 0 and "gpu_check: PASS" in out.stdout, log
     lm, kb = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -72,3 +72,7 @@ def test_gpu_check_dry_run(tmp_path):
     for n in b.PPO_DRY:
         assert kb[f"ppo_gpu_{n}_fwd_gbs"] > 0 and kb[f"ppo_gpu_{n}_fused_fwd_bwd_us"] > 0, kb
         assert f"ppo_gpu_{n}_speedup" in kb and f"ppo_gpu_{n}_mem_ratio" in kb
+
+    rl = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("rl_gpu "))[len("rl_gpu "):])
+    assert rl["rc"] == 0 and rl["rl_steps"] == 2 and rl["eval_table"], rl
+    assert rl["step1_rl_update_s"] > 0 and rl["step2_rl_logp_gap"] < 1e-4, rl
