@@ -91,7 +91,12 @@ class StatesPool:
     @classmethod
     def load(cls, path: str | Path) -> "StatesPool":
         d = torch.load(path, weights_only=False)
-        return cls([State(**s) for s in d["states"]], d["dropped"])
+        states = [State(**s) for s in d["states"]]
+        gone = sorted({s.store for s in states if not (Path(s.store) / "snapshots").is_dir()})
+        if gone:  # the expert data (and its snapshot store) moved or was deleted after the pool was built
+            raise ValueError(f"{path} refers to snapshot stores that no longer exist ({', '.join(gone)}): "
+                             f"delete {path} and rerun; it is rebuilt from the expert data")
+        return cls(states, d["dropped"])
 
     def __len__(self) -> int:
         return len(self.states)

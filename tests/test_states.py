@@ -77,3 +77,20 @@ def test_sampler_weights_and_exact_resume(made):
         StateSampler(pool, weights={"gunpoint": 1.0})
     with pytest.raises(ValueError, match="seed"):
         StateSampler(pool, seed=4).load_state_dict(ckpt)
+
+
+def test_a_pool_whose_store_moved_says_to_rebuild(tmp_path):
+    """states.pt keeps each state's snapshot store path: after the expert data moves, loading it fails
+    with what to do instead of the first RL step failing on a missing snapshot."""
+    import pytest
+
+    from fastagent.states import State, StatesPool
+    store = tmp_path / "store"
+    (store / "snapshots").mkdir(parents=True)
+    state = State(task="digits", episode="e", step=0, prompt_ids=[1, 2], env_state={"snapshot": "a" * 64},
+                  store=str(store), metric=0.5)
+    StatesPool([state], 0).save(tmp_path / "states.pt")
+    assert len(StatesPool.load(tmp_path / "states.pt")) == 1
+    store.rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match="delete .*states.pt and rerun"):
+        StatesPool.load(tmp_path / "states.pt")
