@@ -394,18 +394,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics(run_dir, tensorboard=cfg.tensorboard)
     print0(f"[setup] {info.world} rank(s) on {info.device}, run dir {run_dir}, model {cfg.model}")
 
-    # ---- model: obtain, convert once, check the conversion, load
+    # ---- model: obtain, convert once, check the conversion, load (the evaluation loads its own)
     from fastagent.model import load_model
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=info.device,
-                                  cache_dir=cfg.cache_dir)
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"[model] {cfg.model}: {n_params / 1e6:.1f}M parameters loaded in {time.perf_counter() - t0:.1f}s")
+    if cfg.stage != "eval":
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=info.device,
+                                      cache_dir=cfg.cache_dir)
+        n_params = sum(p.numel() for p in model.parameters())
+        print0(f"[model] {cfg.model}: {n_params / 1e6:.1f}M parameters loaded in {time.perf_counter() - t0:.1f}s")
 
-    # ---- one real agent step: policy -> env (sandbox pool) -> reward
-    if info.is_main:
-        metrics.log(0, params_m=n_params / 1e6, **probe_step(cfg, model, tokenizer, run_dir, info.device))
-    dist.barrier()
+        # ---- one real agent step: policy -> env (sandbox pool) -> reward
+        if info.is_main:
+            metrics.log(0, params_m=n_params / 1e6, **probe_step(cfg, model, tokenizer, run_dir, info.device))
+        dist.barrier()
 
     # ---- SFT on the expert trajectories
     if cfg.stage in ("sft", "all"):

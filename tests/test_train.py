@@ -38,12 +38,19 @@ def test_smoke_preset_on_two_ranks(tmp_path):
 def test_default_main_job(tmp_path):
     """The README's main command on its default (SmolLM2-135M-Instruct, CPU): model, probe, the expert
     data (10 real episodes), then SFT cut to 2 optimizer steps (the full default stage takes ~20 min,
-    too long for CI) and the saved model, then one step-wise RL step (2 states x 2 samples, vLLM) from it."""
-    out = run_main(tmp_path, 1, "--sft_max_steps=2", "--rl_steps=1", "--states_per_step=2", "--samples_per_state=2",
-                   "--max_new_tokens=96")
+    too long for CI) and the saved model, then one step-wise RL step (2 states x 2 samples, vLLM) from it,
+    then the evaluation of base, SFT and RL cut to one held-out task and 2 turns (the default plays all 11);
+    a rerun of --stage=eval reuses every finished episode."""
+    cut = ("--sft_max_steps=2", "--rl_steps=1", "--states_per_step=2", "--samples_per_state=2", "--max_new_tokens=96",
+           "--eval_tasks=seattle-weather", "--eval_max_steps=2")
+    out = run_main(tmp_path, 1, *cut)
     assert "[expert] 10 episodes" in out.stdout
     assert (tmp_path / "run" / "sft" / "model" / "config.json").exists()
     assert "[rl] step 1: reward" in out.stdout and f"start weights {tmp_path / 'run' / 'sft' / 'model'}" in out.stdout
     assert (tmp_path / "run" / "rl" / "model" / "config.json").exists()
     assert "smollm2-135m-instruct" in out.stdout and "[probe] task anes-vote" in out.stdout
     assert "--- observation ---" in out.stdout
+    table = (tmp_path / "run" / "eval" / "table.md").read_text()
+    assert "seattle-weather" in table and all(f"| {a} |" in table for a in ("base", "sft", "rl"))
+    again = run_main(tmp_path, 1, *cut, "--stage=eval")
+    assert "[probe]" not in again.stdout and "already in" in again.stdout + again.stderr
