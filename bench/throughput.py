@@ -2,8 +2,10 @@
 
 Each suite lives in bench/suite_<name>.py and exposes `run(args) -> dict`; ratios are measured in
 the same run (these machines are noisy), never compared against numbers from another run.
-Suites: kernels (K1-K3), sandbox (E1), env (E2), train (T1), rollout (G1), rl (S1, rl_samples_per_hour). `--suite all` runs
-every suite present and merges their JSON.
+Suites: kernels (K1-K3), sandbox (E1), env (E2), train (T1), rollout (G1), rl (S1, P1, rl_samples_per_hour
+and the time of each phase of one RL iteration). `--suite all` runs every suite present and merges their
+JSON; a suite that fails prints its traceback, adds `<suite>_error` to the JSON, the others still run, and
+the exit status is 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import traceback
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -45,12 +48,18 @@ def main(argv: list[str] | None = None) -> dict:
         import torch
         torch.set_num_threads(args.threads)
     result: dict = {}
-    for name in names:
+    for name in names:  # a suite that fails says why (traceback on stderr, <suite>_error in the JSON); the rest run
         print(f"== suite {name}", file=sys.stderr, flush=True)
-        result.update(load(name).run(args))
+        try:
+            result.update(load(name).run(args))
+        except Exception as e:  # noqa: BLE001 (any failure of one suite)
+            traceback.print_exc()
+            result[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"== suite {name} failed: {result[name + '_error']}", file=sys.stderr, flush=True)
     print(json.dumps(result), flush=True)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    out = main()
+    sys.exit(1 if any(f"{name}_error" in out for name in suites()) else 0)
