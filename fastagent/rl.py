@@ -157,10 +157,11 @@ def pack(seqs: list[tuple], pad_id: int, device: torch.device, share: bool = Fal
 
 
 def can_share(model) -> bool:
-    """Shared-prefix packing needs an attention that takes an arbitrary (R, 1, T, T) mask: sdpa and eager
-    do, flash-attention does not (its packed format cannot express a shared prefix)."""
+    """Shared-prefix packing needs an attention that takes an arbitrary boolean (R, 1, T, T) mask: sdpa
+    does; eager adds the mask to the scores (a boolean one would be wrong) and flash-attention's packed
+    format cannot express a shared prefix, so those get separate rows."""
     cfg = getattr(model, "config", None)
-    return getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    return getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
 
 
 def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list[float], Any]], token_w: float,
@@ -468,7 +469,9 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             # GAE with the critic's values over each sample's tokens (step-wise, gamma = lam = 1: A_t =
             # R - V_t) or over the turns of each episode, observations left out (episode-wise)
             t0 = time.perf_counter()
-            micro = max(cfg.micro_batch_size, 1)
+            # micro_batch_size counts sequences; a packed row holds a state's K of them (one state per
+            # row: 2 rows of ~4k tokens took SmolLM2's RL process to 15-17 GB, one to ~10 GB)
+            micro = max(cfg.micro_batch_size // K, 1) if share else max(cfg.micro_batch_size, 1)
             dummy = (turns[0].prompt_ids, [stops[0]], [0.0], 0.0, [0.0], [0.0])  # weight 0 (micro_batches)
             keep = [good and bool(t.completion.token_ids) for t, good in zip(turns, ok)]
             kept = [(t, float(r)) for t, r, k in zip(turns, rewards, keep) if k]
