@@ -193,10 +193,12 @@ except ImportError as e:
     sys.exit(f"rl_gpu: the task packages are missing ({e}): carry them or pip install -e . first")
 run = Path(tempfile.mkdtemp(prefix="gpu-rl-")) / "run"
 env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTAGENT_KERNELS")}
-cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "fastagent/train.py",
+# -m from a scratch folder: fastagent is the one on sys.path (the overlay above, or the install), not the
+# checkout's fastagent/ without kernels/ that running the file as a script would put first
+cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "fastagent.train",
        "--preset=smoke", "--stage=all", "--engine=hf", "--rl_steps=2", f"--device={'cpu' if dry else 'cuda'}",
        f"--run_dir={run}"]
-out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=run.parent)
 tail = out.stdout[-3000:] + (out.stderr[-3000:] if out.returncode else "")
 print("\n".join("  " + line for line in tail.splitlines()), flush=True)  # indented: no bare {...} line
 rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []

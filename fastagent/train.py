@@ -346,7 +346,8 @@ def eval_stage(cfg: Config, info: dist.DistInfo, run_dir: Path) -> int:
                "--agents", *agents]
         env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
         root = str(Path(__file__).resolve().parents[1])  # this checkout's fastagent, not an installed one
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        # after what PYTHONPATH already names (an overlay with fastagent.kernels, as bench/gpu_check.sh makes)
+        env["PYTHONPATH"] = os.pathsep.join([*filter(None, [env.get("PYTHONPATH")]), root])
         print0(f"[eval] {', '.join(agents)} on {cfg.eval_tasks} tasks, {cfg.eval_episodes} episode(s) each")
         rc = subprocess.run(cmd, env=env).returncode
     if wait is not None:
