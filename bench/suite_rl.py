@@ -13,8 +13,9 @@ S1_ratio = episode-wise wall seconds / step-wise wall seconds (target >= 10; the
 GPU-hours). rl_samples_per_hour: one full step-wise iteration of the cpu preset's shape (B states x K
 samples: generate, execute, score, group advantages, one PPO update through the fused loss, weight sync)
 timed phase by phase, samples / its wall time. P1_ratio: that update's forward + backward with each
-state's K samples in their own padded rows over shared-prefix packing (the prompt once per state, the
-loop's default where attention takes a mask), on the same samples.
+state's K samples in their own padded rows over the prompt shared through its KV cache (the loop's
+default: the prompt once per state, the completions on its cache); P1_mask_ratio: over one masked row per
+state (share_prefix=mask); on the same samples.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run(args) -> dict:
     from fastagent.expert.generate import generate_expert_data
     from fastagent.kernels import group_advantages
     from fastagent.model import load_model, resolve_model
-    from fastagent.rl import can_share, micro_batches, ppo_micro_step
+    from fastagent.rl import micro_batches, ppo_micro_step, share_mode
     from fastagent.rollout import Sampling, WeightVersion, make_engine, sync_weights
     from fastagent.sandbox import Pool
     from fastagent.states import StateSampler, StatesPool
@@ -118,13 +119,14 @@ def run(args) -> dict:
         seqs = [(s.prompt_ids, c.token_ids, c.logprobs, float(a)) for (s, c), a in zip(samples, adv) if c.token_ids]
         n_tok = sum(len(x[1]) for x in seqs)
 
-        def update(share: bool) -> float:  # forward + backward of the whole batch, as the loop cuts it
+        def update(share: bool | str) -> float:  # forward + backward of the whole batch, as the loop cuts it
             t = time.perf_counter()
-            for chunk, _ in micro_batches(seqs, cfg.micro_batch_size, None, share):
+            micro = max(cfg.micro_batch_size // K, 1) if share else cfg.micro_batch_size  # as the loop cuts it
+            for chunk, _ in micro_batches(seqs, micro, None, share):
                 ppo_micro_step(model, None, chunk, 1.0 / max(n_tok, 1), cfg, tok.pad_token_id or 0,
                                torch.device("cpu"), share)
             return time.perf_counter() - t
-        update(can_share(model))
+        update(share_mode(model, cfg.share_prefix))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         phases["update_s"] = time.perf_counter() - t0
@@ -136,11 +138,11 @@ def run(args) -> dict:
         for env in envs:
             env.close()
     engine.close()
-    # ---- P1: the same update with each state's K samples in separate padded rows vs one shared-prefix row
-    separate, shared = update(False), update(True)
+    # ---- P1: the same update with each state's K samples in separate padded rows, one masked row, on the KV cache
+    separate, masked, kv = update(False), update(True), update("kv")
     optimizer.zero_grad(set_to_none=True)
-    out.update(P1_update_separate_s=round(separate, 2), P1_update_shared_s=round(shared, 2),
-               P1_ratio=round(separate / shared, 2))
+    out.update(P1_update_separate_s=round(separate, 2), P1_update_mask_s=round(masked, 2),
+               P1_update_kv_s=round(kv, 2), P1_ratio=round(separate / kv, 2), P1_mask_ratio=round(separate / masked, 2))
     out.update(rl_samples_per_hour=round(len(samples) * 3600 / wall, 1), rl_iteration_s=round(wall, 1),
                rl_batch=f"{B}x{K}", rl_new_tokens=n_tok, **{f"rl_{k}": round(v, 2) for k, v in phases.items()})
     return out

@@ -69,6 +69,8 @@ class Config:
     states_per_step: int = 16  # expert states sampled per iteration
     samples_per_state: int = 4  # actions sampled per state (the group for the group baseline)
     ppo_epochs: int = 1  # passes over each rollout batch
+    share_prefix: str = "auto"  # the K samples of a state in the update: kv (the prompt's own forward, the
+    #   completions in one masked row on its KV cache; auto with sdpa) | mask (one masked row) | off (a row each)
     rl_lr: float = 1e-6  # policy learning rate
     critic_lr: float = 1e-5  # value head learning rate (PPO with critic)
     advantage: str = "gae"  # gae (PPO with a critic, the paper's) | group (critic-free group baseline)
@@ -258,8 +260,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 CHOICES = {"stage": ("sft", "rl", "eval", "all"), "device": ("auto", "cpu", "cuda"),
-           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"), "rl_mode": ("step", "episode"), "reward_baseline": ("last", "best"),
-           "engine": ("auto", "vllm", "hf")}
+           "dtype": ("auto", "fp32", "bf16"), "advantage": ("gae", "group"), "rl_mode": ("step", "episode"),
+           "reward_baseline": ("last", "best"), "engine": ("auto", "vllm", "hf"),
+           "share_prefix": ("auto", "kv", "mask", "off")}
 
 
 def validate(cfg: Config) -> None:

