@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print0(f"error: {e}", file=sys.stderr)
         return 2
+    t_main = time.perf_counter()
     info = dist.init(cfg.device)
     seed_everything(cfg.seed + info.rank)
     run_dir = Path(cfg.run_dir)
@@ -442,7 +443,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics.close()
             return rc
     metrics.close()
-    print0(f"[done] metrics in {metrics.path}; plot them with: python -m fastagent.plot {metrics.path}")
+    made = {"expert data": Path(cfg.expert_data) if cfg.expert_data else run_dir / "expert" / "expert.traj",
+            "SFT model": run_dir / "sft" / "model", "RL model": run_dir / "rl" / "model",
+            "evaluation table (charts beside it)": run_dir / "eval" / "table.md"}
+    print0(f"[done] in {time.perf_counter() - t_main:.0f}s; "
+           + "".join(f"{name}: {p}; " for name, p in made.items() if p.exists())
+           + f"metrics log: {metrics.path} (plots: python -m fastagent.plot {metrics.path} [--rl])")
     dist.teardown()
     return 0
 

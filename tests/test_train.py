@@ -52,5 +52,7 @@ def test_default_main_job(tmp_path):
     assert "--- observation ---" in out.stdout
     table = (tmp_path / "run" / "eval" / "table.md").read_text()
     assert "seattle-weather" in table and all(f"| {a} |" in table for a in ("base", "sft", "rl"))
+    done = next(line for line in out.stdout.splitlines() if line.startswith("[done]"))  # where everything is
+    assert all(str(tmp_path / "run" / p) in done for p in ("sft/model", "rl/model", "eval/table.md", "metrics.jsonl"))
     again = run_main(tmp_path, 1, *cut, "--stage=eval")
     assert "[probe]" not in again.stdout and "already in" in again.stdout + again.stderr
