@@ -273,19 +273,26 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             # ---- score
             ok = [t.result is not None for t in turns]
             rewards = torch.tensor([t.result[1] if t.result is not None else 0.0 for t in turns])
-            kinds = Counter(t.result[3]["reward"]["kind"] for t in turns if t.result is not None)
+            # the logged figures are over every rank's samples (the update uses this rank's own)
+            scored = [(t.task, t.result[3].get("action") or "format_error", float(t.result[1]),
+                       t.result[3]["reward"]["kind"], is_rerun(t.before, t.result[3]))
+                      for t in turns if t.result is not None]
+            n_failed = len(turns) - len(scored)
+            if torch.distributed.is_initialized() and info.world > 1:
+                every: list = [None] * info.world
+                torch.distributed.all_gather_object(every, (scored, n_failed))
+                scored, n_failed = [x for part, _ in every for x in part], sum(n for _, n in every)
+            kinds = Counter(kind for _, _, _, kind, _ in scored)
             by_action: dict[str, list[float]] = defaultdict(list)
             by_task: dict[str, list[float]] = defaultdict(list)
             reruns: dict[str, list[bool]] = defaultdict(list)
             rerun_rewards: list[float] = []
-            for t in turns:
-                if t.result is not None:
-                    by_action[t.result[3].get("action") or "format_error"].append(t.result[1])
-                    by_task[t.task].append(t.result[1])
-                    again = is_rerun(t.before, t.result[3])
-                    reruns[t.task].append(again)
-                    if again:
-                        rerun_rewards.append(t.result[1])
+            for task, action, r, _, again in scored:
+                by_action[action].append(r)
+                by_task[task].append(r)
+                reruns[task].append(again)
+                if again:
+                    rerun_rewards.append(r)
             n_eps = len({t.episode for t in turns})
             returns_by_ep: dict[int, float] = defaultdict(float)
             for t, r in zip(turns, rewards.tolist()):
@@ -361,14 +368,14 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
             sync = sync_weights(engine, model, version)
             times["sync_s"] = time.perf_counter() - t0
 
-            n_ok = max(sum(ok), 1)
+            n_ok = max(len(scored), 1)
             local_tokens = max(float(n_tok) * cfg.ppo_epochs, 1.0)
-            row = {"rl_reward_mean": float(rewards[torch.tensor(ok)].mean()) if any(ok) else 0.0,
+            row = {"rl_reward_mean": sum(r for _, _, r, _, _ in scored) / n_ok,
                    "rl_format_error_rate": kinds.get("format_error", 0) / n_ok,
                    "rl_invalid_action_rate": kinds.get("invalid_action", 0) / n_ok,
                    "rl_loss": loss_sum, "rl_logp_gap": gap_sum / local_tokens,
                    "rl_grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   "rl_new_tokens": float(n_tok), "rl_failed_steps": len(ok) - sum(ok),
+                   "rl_new_tokens": float(n_tok), "rl_failed_steps": n_failed,
                    **{f"rl_{k}": v / local_tokens for k, v in stats_acc.items()},
                    **{f"rl_kind_{k}": kinds.get(k, 0) / n_ok for k in KINDS},  # every kind, 0 included: plots
                    **{f"rl_reward_action_{a.replace(' ', '_')}": sum(v) / len(v) for a, v in by_action.items()},

@@ -145,6 +145,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import signal
 import tempfile
 import threading
 from collections import deque
@@ -207,7 +208,14 @@ class Pool:
         self._loop = _pool_loop.Loop(self)
         self._loop.start_zygote()
         self._thread = threading.Thread(target=self._loop.run, name="sandbox-pool", daemon=True)
-        self._thread.start()
+        # The loop thread blocks Ctrl-C and SIGTERM (a new thread inherits the mask), so the kernel hands
+        # them to the main thread: one delivered to this thread left the main thread asleep in
+        # Future.result() until the running job ended (a 60 s job delayed a Ctrl-C by 60 s).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     # ------------------------------------------------------------------ public API
     @property
