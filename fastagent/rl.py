@@ -20,9 +20,10 @@ One iteration, top to bottom in `train_rl`, with one banner line per phase in th
              tokens of each episode, observations left out);
   update     log-probs of the sampled tokens under the trainer's weights and the PPO loss in one fused pass
              (`fused_linear_ppo_loss`: no (N, V) logits), old log-probs = the engine's (the behaviour policy);
-             the K samples of a state share one packed row (fastagent/packing.py: the ~1.2k-token prompt
-             computed once, each completion masked to see the prompt and itself); KL to the reference
-             (start) model when kl_coef > 0; one AdamW step per PPO epoch;
+             the K samples of a state share its ~1.2-1.9k-token prompt, computed once (fastagent/packing.py:
+             by default its own forward, the completions in one masked row on its KV cache, each seeing
+             the prompt and itself); KL to the reference (start) model when kl_coef > 0; one AdamW step
+             per PPO epoch;
   sync       the new weights into the engine (`sync_weights`), which refuses to generate until it has them.
 The train/inference log-prob gap (trainer vs engine on the same tokens before the update) is logged
 every step: it catches a stale or half-synced engine.
