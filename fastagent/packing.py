@@ -134,7 +134,7 @@ def _pack_kv(seqs: list[tuple], pad_id: int, device: torch.device) -> KVShared:
         positions = torch.full((1, n), p, dtype=torch.long)
         segment = torch.full((n,), -1, dtype=torch.long)  # k: completion k, -1: the pad
         c = 0
-        for k, (x, inp) in enumerate(zip(g, inputs)):
+        for k, inp in enumerate(inputs):
             ids[0, c:c + len(inp)] = torch.tensor(inp, dtype=torch.long)
             positions[0, c:c + len(inp)] = torch.arange(p, p + len(inp))
             segment[c:c + len(inp)] = k
