@@ -17,7 +17,7 @@
 #    sleep(2)/wake/sync, memory freed by each sleep; sync seconds and generate tokens/s, for
 #    tiny-random and random weights in SmolLM2-135M's shapes. Its result line is `hf_engine {...}`;
 # 5. the whole trainer on one GPU (tiny model, smoke preset, HF engine): SFT, 2 RL iterations and the
-#    evaluation under torchrun; its result line is `rl_gpu {...}` (time per RL phase).
+#    evaluation (2 held-out tasks) under torchrun; its result line is `rl_gpu {...}` (time per RL phase).
 # Each step has its own timeout; the whole script should stay under 10 minutes on an H200. The last line
 # of each benchmark is one JSON object. Exit status: 0 when every step passed.
 #
@@ -197,7 +197,7 @@ env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FAS
 # checkout's fastagent/ without kernels/ that running the file as a script would put first
 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "fastagent.train",
        "--preset=smoke", "--stage=all", "--engine=hf", "--rl_steps=2", f"--device={'cpu' if dry else 'cuda'}",
-       f"--run_dir={run}"]
+       "--eval_tasks=seattle-weather,gunpoint", f"--run_dir={run}"]  # 2 held-out tasks: the plumbing, quickly
 out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=run.parent)
 tail = out.stdout[-3000:] + (out.stderr[-3000:] if out.returncode else "")
 print("\n".join("  " + line for line in tail.splitlines()), flush=True)  # indented: no bare {...} line

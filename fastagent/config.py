@@ -120,17 +120,16 @@ def smoke() -> Config:
 
 def cpu() -> Config:
     """SmolLM2-135M-Instruct on a 2-core CPU machine: the default."""
-    # Sized so the whole main job fits ~60 min on 2 cores (measured from a fresh clone, 2026-12-01: 63 min
-    # with 5 RL steps, so 4 now): setup ~3 min; expert data 12 s (10 episodes, 105 samples); SFT 23.5 min
-    # (27 steps of 4 samples, ~1,700 tokens each, 131 training tokens/s); RL ~14 min: 4 steps of 4 states
-    # x 4 samples at ~3.5 min each (generate 95-120 s, update 120-150 s before the KV-shared prompt);
-    # eval 14 min (below).
+    # Sized so the whole main job fits ~60 min on 2 cores. Measured from a fresh clone, 2026-12-02: 53.1 min
+    # (63 min on 2026-12-01 with 5 RL steps and the masked-row update): setup ~3 min; expert data 17 s (10
+    # episodes, 105 samples); SFT 18.7 min (27 steps of 4 samples, ~1,700 tokens each, 165 training tokens/s);
+    # RL 14.7 min: 4 steps of 4 states x 4 samples (generate 83-124 s, update 81-144 s); eval 15 min (below).
     return Config(run_dir="runs/cpu", max_seq_len=2560, history_k=1, max_obs_chars=1500, expert_episodes=1,
                   sft_epochs=1, batch_size=4, micro_batch_size=2, sft_lr=1e-4, rl_steps=4, states_per_step=4,
                   samples_per_state=4, max_new_tokens=640,  # expert turns: median 262 tokens, max ~550
                   rl_lr=2e-6, advantage="group",  # a critic would double the update's cost on 2 cores
                   # eval: 3 models x 11 held-out tasks x 1 episode of <= 5 turns, batched (prompts ~1,700
-                  # tokens): 210-320 s per model (2-3 turns), capped by the 5-min wall limit; 846 s in all
+                  # tokens): 276-314 s per model (3 turns), capped by the 5-min wall limit; 911 s in all
                   eval_episodes=1, eval_max_steps=5, eval_time_limit_s=300.0)
 
 

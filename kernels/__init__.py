@@ -14,5 +14,5 @@ from fastagent.kernels.gae import gae, gae_ref, group_advantages, masked_whiten
 # elementwise entry ppo_token_sums_and_grads is what fused_linear_ppo_loss calls per chunk.
 from fastagent.kernels.ppo_loss import (PPOStats, ppo_loss, ppo_loss_ref, ppo_stats,
                                         ppo_token_loss_and_grads, ppo_token_sums_and_grads,
-                                        seq_mean_weights, token_mean_weights, value_loss,
-                                        value_loss_ref)
+                                        seq_mean_weights, token_mean_weights)
+from fastagent.kernels.value_loss import value_loss, value_loss_ref

@@ -358,6 +358,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     import importlib
     import torch
     P = importlib.import_module("fastagent.kernels.ppo_loss")
+    V = importlib.import_module("fastagent.kernels.value_loss")
     from tests.test_ppo_loss import extreme_inputs, make_inputs
     inf = float("inf")
     for n, block in [(1, 16), (37, 16), (1000, 128)]:
@@ -376,8 +377,8 @@ TRITON_SCRIPT = textwrap.dedent("""
         expect = P._ppo_fwd_torch(logp, old_logp, adv, weight, None, None, 0.2, 0.2, 0.0, 0.0, True, 0.0)
         torch.testing.assert_close(plain[0], expect[0], atol=1e-5, rtol=1e-5)
         for clip in (0.2, float("inf")):
-            got = P._value_fwd_triton(logp, old_logp, adv, weight, clip, block=block)
-            expect = P._value_fwd_torch(logp, old_logp, adv, weight, clip)
+            got = V._value_fwd_triton(logp, old_logp, adv, weight, clip, block=block)
+            expect = V._value_fwd_torch(logp, old_logp, adv, weight, clip)
             torch.testing.assert_close(got[0], expect[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[1], expect[1], atol=1e-7, rtol=1e-5)
     # log-ratio / reference gaps of +-100: finite, and the same clamps as the torch path and the reference
