@@ -93,6 +93,42 @@ def _one_process_ok() -> Iterator[None]:
         yield
 
 
+class DiskFullError(OSError):
+    """Not enough free disk space for a checkpoint or a model folder: says how much is needed and what to do."""
+
+
+def state_bytes(*modules_or_optimizers: Any) -> int:
+    """Bytes of every tensor in these modules' state dicts (tied weights count once per key, as they are
+    written) and these optimizers' states, at their global size (a sharded DTensor counts whole): the
+    same number on every rank."""
+    total = 0
+    for obj in modules_or_optimizers:
+        if isinstance(obj, torch.optim.Optimizer):
+            tensors = [t for st in obj.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        else:
+            tensors = list(obj.state_dict().values())
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def ensure_space(folder: str | Path, need: int, what: str, after: str = "") -> None:
+    """Raise DiskFullError on every rank (collective) when the disk holding `folder` has less than `need`
+    bytes (plus 2% and 64 MiB) free on any rank: a clear message before a write that would fail halfway
+    (torch's own error on a full disk is 'unexpected pos N vs M')."""
+    probe = Path(folder).absolute()
+    while not probe.exists():  # the nearest existing folder is on the same disk
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if tdist.is_initialized():
+        frees: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(frees, free)
+        free = min(frees)
+    if free < need * 1.02 + 64 * 2**20:
+        raise DiskFullError(f"not enough disk space for {what}: it needs ~{need / 2**30:.2f} GiB in {folder}, "
+                            f"{free / 2**30:.2f} GiB is free. Free some space (old run dirs, pip and "
+                            f"pytest caches in /tmp) and rerun the same command{after}")
+
+
 def _states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_sd, optim_sd = get_state_dict(model, optimizer)  # sharded (DTensor) under FSDP2
@@ -108,6 +144,9 @@ def save(ckpt_dir: str | Path, step: int, model: torch.nn.Module, optimizer: tor
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:06d}"
     tmp = ckpt_dir / f".tmp-{final.name}"
+    last = latest(ckpt_dir)
+    ensure_space(ckpt_dir, state_bytes(model, optimizer), f"checkpoint {final.name}",
+                 f": it resumes from {last}" if last else ": it starts this stage over")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

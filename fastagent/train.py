@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from fastagent import dist
+from fastagent.ckpt import DiskFullError
 from fastagent.config import Config, ConfigError, parse_args, usage
 from fastagent.kernels import fused_linear_cross_entropy
 from fastagent.log import Metrics, print0
@@ -192,7 +193,10 @@ def save_hf_model(model: torch.nn.Module, tokenizer, path: Path, is_main: bool) 
     writes): a plain model is built on the meta device and given the gathered tensors."""
     from transformers import AutoModelForCausalLM
 
+    from fastagent.ckpt import ensure_space, state_bytes
     from fastagent.model import save_model
+    ensure_space(path, state_bytes(model), f"the model folder {path}",
+                 ": it resumes from the stage's last checkpoint")
     state = dist.full_state_dict(model)
     if is_main:
         with torch.device("meta"):
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if data is not None:
             try:
                 model = train_sft(cfg, info, model, tokenizer, run_dir, metrics, data)
-            except (ConfigError, DataError) as e:  # every rank reads the same data: all stop here
+            except (ConfigError, DataError, DiskFullError) as e:  # raised on every rank: all stop here
                 print0(f"error: {e}", file=sys.stderr)
                 metrics.close()
                 return 2
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             del model  # RL loads its start weights (run_dir/sft/model, or cfg.model) itself
             try:
                 train_rl(cfg, info, tokenizer, run_dir, metrics, data)
-            except (ConfigError, DataError) as e:
+            except (ConfigError, DataError, DiskFullError) as e:
                 print0(f"error: {e}", file=sys.stderr)
                 metrics.close()
                 return 2

