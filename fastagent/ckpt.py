@@ -10,7 +10,8 @@ plus `.metadata`), `rng_<rank>.pt` (python, numpy, torch and CUDA generator stat
 and `meta.json` (step, data cursor, whatever the trainer passes; written last). All of it is
 written into `.tmp-step_000004` and renamed into place by rank 0 after every rank has finished, so
 a process killed mid-save (SIGKILL included) leaves a temp folder that the next start deletes, and
-the previous checkpoint stays the latest valid one. `keep` old checkpoints survive each save.
+the previous checkpoint stays the latest valid one. `keep` old checkpoints survive each save. A save
+that would not fit the free disk space raises DiskFullError before writing anything.
 
 Call save/load on every rank (they are collective). The state dicts come from
 get_state_dict/set_state_dict (torch.distributed.checkpoint.state_dict), which work on FSDP2
