@@ -10,15 +10,20 @@ than fp32, measured here): realistic agent samples (tests/_sft_data.py: prompts 
 sees them, MLAgentBench-format expert turns), each cut to its LAST 512 tokens for this fixed 4 x 512
 shape (the trainer itself never cuts a sample; it drops it), trained on the response part only.
   plain: model(input_ids, attention_mask, labels=labels_with_-100).loss.backward(); AdamW.step()
-  lean:  fastagent.train.sft_step (imported, not copied): fused linear CE on the trained rows only,
-         fused AdamW, the step's 4 samples in micro-batches of the cpu preset's micro_batch_size
+  lean:  what train.py does (imported, not copied): fastagent.lean.keep_freed_memory at process
+         start, fastagent.lean.prepare_for_training (sparse tied-embedding gradient, fused RMSNorm
+         and SwiGLU), fastagent.train.sft_step (fused linear CE on the trained rows only, fused
+         AdamW), the step's 4 samples in micro-batches of the cpu preset's micro_batch_size
          (gradient accumulation); with micro_batch_size=4 as well (one forward, like plain)
 Each loop runs in its own subprocess (`python bench/suite_train.py --child ...`), so each peak is
 its own: peak memory = growth of the resident set (VmHWM after the loop minus VmRSS before its first
 step, the way bench/_measure.py measures): gradients, optimizer state and activations. tokens/s
-counts every token of the batch, warm-up steps excluded. Output keys end with T1_ratio (lean over
-plain tokens/s; target >= 1.3) and T1_mem_ratio (lean over plain peak; target <= 0.7). tokens/s is
-taken at the median timed step (other jobs on a shared machine make single steps noisy).
+counts every token of the batch, warm-up steps excluded, at the median timed step; plain and lean
+run twice each, alternately (plain, lean, plain, lean), and each one's median is over both runs'
+timed steps: this machine's speed drifts by 10-20% over minutes. Output keys end with T1_ratio
+(lean over plain tokens/s; target >= 1.3) and T1_mem_ratio (lean over plain peak; target <= 0.7).
+T1_alloc_ratio is an ablation: the plain loop given the lean loop's allocator setting alone
+(keep_freed_memory), over plain, so the share of T1 that is the allocator's can be read off.
 """
 
 from __future__ import annotations
@@ -64,16 +69,21 @@ def child(kind: str, model_name: str, dtype: str, micro: int, warmup: int, steps
 
     sys.path.insert(0, str(ROOT))
     from fastagent.data import sft_collate
+    from fastagent.lean import keep_freed_memory, prepare_for_training
     from fastagent.model import load_model
     from fastagent.train import make_optimizer, sft_step
 
+    if kind in ("lean", "plain+alloc"):
+        keep_freed_memory()  # as train.py's main does, before anything is allocated
     model, tok = load_model(model_name)  # fp32 master weights
     model.config.use_cache = False
     model.train()
+    if kind == "lean":
+        prepare_for_training(model)
     amp = torch.bfloat16 if dtype == "bf16" else None
     data = batches(tok, warmup + steps)
     cpu = torch.device("cpu")
-    if kind == "plain":
+    if kind.startswith("plain"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step(samples):
@@ -119,6 +129,16 @@ def _spawn(kind: str, model: str, dtype: str, micro: int, warmup: int, steps: in
     return res
 
 
+def _merge(acc: dict, res: dict, warmup: int) -> dict:
+    """Pool a loop's timed steps over runs: tokens/s at the median of all, the highest peak."""
+    if not acc:
+        return res | {"timed": res["steps_s"][warmup:]}
+    timed = acc["timed"] + res["steps_s"][warmup:]
+    median = sorted(timed)[len(timed) // 2]
+    return {"tokens_per_s": BATCH * SEQ / median, "s_per_step": median, "timed": timed,
+            "peak_mb": max(acc["peak_mb"], res["peak_mb"]), "steps_s": acc["steps_s"] + res["steps_s"]}
+
+
 def run(args) -> dict:
     from fastagent.config import cpu
     model = getattr(args, "model", "") or "smollm2-135m-instruct"
@@ -128,8 +148,11 @@ def run(args) -> dict:
     threads = args.threads or 0
     print(f"   T1: {model}, {dtype}, batch {BATCH} x {SEQ}, {warmup} warm-up + {steps} timed steps per loop",
           file=sys.stderr, flush=True)
-    plain = _spawn("plain", model, dtype, BATCH, warmup, steps, threads)
-    lean = _spawn("lean", model, dtype, micro, warmup, steps, threads)
+    rounds = 1 if args.quick else 2
+    plain, lean = {}, {}
+    for _ in range(rounds):  # alternately: a drift of the machine's speed hits both alike
+        plain = _merge(plain, _spawn("plain", model, dtype, BATCH, warmup, steps, threads), warmup)
+        lean = _merge(lean, _spawn("lean", model, dtype, micro, warmup, steps, threads), warmup)
     out = {"T1_model": model, "T1_dtype": dtype, "T1_batch": f"{BATCH}x{SEQ}", "T1_micro_batch_size": micro,
            "T1_plain_tokens_per_s": round(plain["tokens_per_s"], 1),
            "T1_lean_tokens_per_s": round(lean["tokens_per_s"], 1),
@@ -140,6 +163,9 @@ def run(args) -> dict:
         out |= {"T1_lean_mb4_tokens_per_s": round(one["tokens_per_s"], 1), "T1_lean_mb4_peak_mb": round(one["peak_mb"]),
                 "T1_mb4_ratio": round(one["tokens_per_s"] / plain["tokens_per_s"], 3),
                 "T1_mb4_mem_ratio": round(one["peak_mb"] / plain["peak_mb"], 3)}
+        alloc = _spawn("plain+alloc", model, dtype, BATCH, warmup, steps, threads)
+        out |= {"T1_plain_alloc_tokens_per_s": round(alloc["tokens_per_s"], 1),
+                "T1_alloc_ratio": round(alloc["tokens_per_s"] / plain["tokens_per_s"], 3)}
     out["T1_ratio"] = round(lean["tokens_per_s"] / plain["tokens_per_s"], 3)
     out["T1_mem_ratio"] = round(lean["peak_mb"] / plain["peak_mb"], 3)
     return out

@@ -174,6 +174,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     from fastagent.chat import stop_token_ids
     from fastagent.env import Env
     from fastagent.kernels import group_advantages
+    from fastagent.lean import fuse_layers, prepare_for_training
     from fastagent.log import progress
     from fastagent.model import load_model
     from fastagent.rollout import WeightVersion, make_engine, sync_weights
@@ -203,8 +204,7 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     # ---- models: the policy (FSDP2), the reference for KL, the engine (from the same start weights)
     start_dir = start_model_dir(cfg, run_dir)
     model, _ = load_model(start_dir, dtype=torch.float32, device=info.device)
-    model.config.use_cache = False
-    model.train()
+    prepare_for_training(model)  # sparse tied embedding, fused layers (fastagent/lean.py)
     try:  # how each state's K samples share its prompt in the update (fastagent/packing.py)
         share = share_mode(model, cfg.share_prefix)
     except ValueError as e:
@@ -214,11 +214,13 @@ def train_rl(cfg: Config, info: dist.DistInfo, tokenizer, run_dir: Path, metrics
     ref_model = None
     if cfg.kl_coef > 0:
         ref_model, _ = load_model(start_dir, dtype=torch.float32, device=info.device)
-        ref_model.eval().requires_grad_(False)
+        fuse_layers(ref_model.eval().requires_grad_(False))
     critic = critic_opt = None
     if cfg.advantage == "gae":  # PPO with a value model, initialised from the start model
         from fastagent.critic import Critic
-        critic = dist.shard_model(Critic.from_pretrained(start_dir, info.device).train())
+        critic = Critic.from_pretrained(start_dir, info.device).train()
+        fuse_layers(critic)
+        critic = dist.shard_model(critic)
         critic_opt = make_optimizer(critic, cfg.critic_lr, cfg.weight_decay)
     ckpt_dir, critic_dir = run_dir / "rl" / "ckpt", run_dir / "rl" / "critic-ckpt"
     if info.is_main:

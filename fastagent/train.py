@@ -43,6 +43,7 @@ from fastagent import dist
 from fastagent.ckpt import DiskFullError
 from fastagent.config import Config, ConfigError, parse_args, usage
 from fastagent.kernels import fused_linear_cross_entropy
+from fastagent.lean import keep_freed_memory, prepare_for_training
 from fastagent.log import Metrics, print0
 
 
@@ -249,10 +250,7 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
         print0("[sft] note: this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 autocast runs ~3.5x "
                "slower than fp32 here (measured on SmolLM2-135M); --dtype=fp32 is faster")
     model.to(torch.float32)
-    model.config.use_cache = False
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    prepare_for_training(model, cfg.grad_checkpointing)  # sparse tied embedding, fused layers
     model = dist.shard_model(model, bf16_compute=amp is not None and info.device.type == "cuda")
     optimizer = make_optimizer(model, cfg.sft_lr, cfg.weight_decay)
     pad_id = tokenizer.pad_token_id
@@ -391,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print0(f"error: {e}", file=sys.stderr)
         return 2
     t_main = time.perf_counter()
+    keep_freed_memory()  # no page faults for the steps' re-allocations (fastagent/lean.py)
     info = dist.init(cfg.device)
     seed_everything(cfg.seed + info.rank)
     run_dir = Path(cfg.run_dir)

@@ -1,4 +1,5 @@
-"""fastagent.kernels: fused ops for RL on LLMs (token log-probs + entropy, GAE, PPO loss).
+"""fastagent.kernels: fused ops for RL on LLMs (token log-probs + entropy, GAE, PPO loss,
+RMSNorm and SwiGLU for the decoder layers).
 
 Triton on CUDA, C++ (OpenMP) on CPU, pure-torch references as the fallback.
 """
@@ -16,3 +17,6 @@ from fastagent.kernels.ppo_loss import (PPOStats, ppo_loss, ppo_loss_ref, ppo_st
                                         ppo_token_loss_and_grads, ppo_token_sums_and_grads,
                                         seq_mean_weights, token_mean_weights)
 from fastagent.kernels.value_loss import value_loss, value_loss_ref
+# Decoder-layer elementwise chains for training on CPU: LlamaRMSNorm and LlamaMLP's silu(gate) * up.
+from fastagent.kernels.rmsnorm import rms_norm, rms_norm_ref
+from fastagent.kernels.swiglu import silu_mul, silu_mul_ref

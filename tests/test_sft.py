@@ -139,6 +139,28 @@ def test_loss_is_ce_on_agent_tokens_only(records, tok):
     assert abs(low.item() - ref.item()) <= 2e-2 * ref.item(), (low.item(), ref.item())
 
 
+def test_the_lean_model_gives_the_plain_models_loss_and_gradients(records, tok):
+    """prepare_for_training (sparse tied-embedding gradient, fused RMSNorm and SwiGLU) changes how,
+    not what: same loss, same gradients, and a dense .grad for the tied weight (AdamW, FSDP2)."""
+    from fastagent.lean import fuse_layers, prepare_for_training
+    from fastagent.train import micro_step
+    samples, _ = sft_samples(records, tok, 4096)
+    batch = sft_collate(samples, [0, 7], tok.pad_token_id)
+    plain, _ = load_model("tiny-random")
+    lean, _ = load_model("tiny-random")
+    prepare_for_training(lean)
+    assert lean.get_input_embeddings().sparse
+    assert fuse_layers(lean) == 2 * 3 + 1  # per layer 2 norms + the MLP, then the final norm
+    want = micro_step(plain.train(), batch, 1.0, None, torch.device("cpu"))
+    got = micro_step(lean, batch, 1.0, None, torch.device("cpu"))
+    torch.testing.assert_close(got, want, atol=0, rtol=2e-6)
+    grads = dict(plain.named_parameters())
+    for n, p in lean.named_parameters():
+        assert p.grad.layout == torch.strided, n
+        want = grads[n].grad  # summation order differs (fused row sums, sparse + dense): relative to the scale
+        assert (p.grad - want).abs().max() <= 2e-6 * want.abs().max(), n
+
+
 def test_grad_checkpointing_changes_nothing_but_memory(records, tok):
     from fastagent.train import micro_step
     samples, _ = sft_samples(records, tok, 4096)
