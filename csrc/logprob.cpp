@@ -19,6 +19,8 @@
 // intra-op threads (at::parallel_for, OpenMP), inner loops are `omp simd` vectorized.
 
 #include <torch/extension.h>
+
+#include "fastmath.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,30 +30,9 @@
 
 namespace {
 
-constexpr int64_t kBlock = 1024;  // floats per partial sum (4 KiB)
+using namespace fastagent;
 
-// exp(x) for x <= ~88, branch-free so GCC vectorizes it inside `omp simd` loops (glibc's vector
-// expf needs -ffast-math, which would also break inf/nan handling; the float->int conversion below
-// needs -fno-trapping-math to vectorize, set in kernels/_cpp.py). x = n ln2 + r, |r| <= ln2/2,
-// exp(r) by its degree-7 Taylor polynomial (truncation error < 6e-9 relative, below fp32's ulp),
-// 2^n built from the exponent bits. Max relative error measured 8e-8 over [-87, 0]. Inputs below
-// -87 clamp there (exp = 1.6e-38, not 0).
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  // Cody-Waite: ln2 split in a part exact in fp32 and the rest, so r keeps its low bits.
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
+constexpr int64_t kBlock = 1024;  // floats per partial sum (4 KiB)
 
 void check_block(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous(),

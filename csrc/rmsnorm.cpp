@@ -12,6 +12,8 @@
 // per thread, and the threads' rows are added at the end.
 #include <torch/extension.h>
 
+#include "fastmath.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -25,6 +27,8 @@
   AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
 
 namespace {
+
+using namespace fastagent;
 
 using BF16 = c10::BFloat16;
 
@@ -42,26 +46,7 @@ int num_threads_for(int64_t n) {
 template <typename T, typename W>
 using out_t = std::conditional_t<std::is_same_v<T, BF16> && std::is_same_v<W, BF16>, BF16, float>;
 
-// bf16 <-> fp32 on raw bits, branch-free so `omp simd` loops vectorize (c10::BFloat16's rounding
-// has a NaN branch: silu_mul's bf16 loops ran ~6x slower with it). Same rounding as c10: to nearest
-// even, NaN -> 0x7fc0. The kernels take bits_t<T> pointers: float, or uint16_t for bf16.
-template <typename T> struct Bits { using type = T; };
-template <> struct Bits<BF16> { using type = uint16_t; };
-template <typename T> using bits_t = typename Bits<T>::type;
-
-inline float to_f(float v) { return v; }
-inline float to_f(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
-template <typename T> inline bits_t<T> from_f(float v) { return v; }
-template <> inline uint16_t from_f<BF16>(float v) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
-}
 template <typename T> inline float round_to(float v) { return to_f(from_f<T>(v)); }  // via T
-
-template <typename T> bits_t<T>* raw(const at::Tensor& t) {
-  return reinterpret_cast<bits_t<T>*>(t.data_ptr<T>());
-}
 
 template <typename T, typename W>
 void rms_norm_rows(const bits_t<T>* x, const bits_t<W>* w, int64_t rows, int64_t H, float eps,

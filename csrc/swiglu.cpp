@@ -8,6 +8,8 @@
 // chunks of kChunk elements (large inputs only), `omp simd` inside a chunk.
 #include <torch/extension.h>
 
+#include "fastmath.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -26,6 +28,8 @@
 
 namespace {
 
+using namespace fastagent;
+
 constexpr int64_t kChunk = 1 << 14;  // elements per OpenMP work item (64 KiB of fp32)
 // Threads only for big inputs: ~0.5 ns per element forward, ~0.8 backward (one core), so below
 // this a second thread saves less than waking it costs on a busy machine (the same budget as
@@ -36,50 +40,11 @@ int num_threads_for(int64_t n) {
   return static_cast<int>(std::clamp<int64_t>(n / kMinElemsPerThread, 1, omp_get_max_threads()));
 }
 
-// exp(x) for x <= ~88, branch-free so GCC vectorizes it inside `omp simd` loops. A copy of
-// fast_exp in logprob.cpp (which documents it: max relative error 8e-8 over [-87, 0]); inputs
-// below -87 clamp there (exp = 1.6e-38, not 0). Only called here with x <= 0.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504f + 0.5f);
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
-
 // sigmoid from e = exp(-|x|) in (0, 1]: no overflow for large |x| of either sign.
 inline float sigmoid(float x) {
   const float e = fast_exp(-std::fabs(x));
   const float inv = 1.0f / (1.0f + e);
   return x >= 0.0f ? inv : e * inv;
-}
-
-// bf16 <-> fp32 on raw bits, branch-free so `omp simd` loops vectorize (c10::BFloat16's rounding
-// has a NaN branch: silu_mul's bf16 loops ran ~6x slower with it). Same rounding as c10: to nearest
-// even, NaN -> 0x7fc0. A copy of the helpers in rmsnorm.cpp; the kernels take bits_t<T> pointers.
-template <typename T> struct Bits { using type = T; };
-template <> struct Bits<c10::BFloat16> { using type = uint16_t; };
-template <typename T> using bits_t = typename Bits<T>::type;
-
-inline float to_f(float v) { return v; }
-inline float to_f(uint16_t v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
-template <typename T> inline bits_t<T> from_f(float v) { return v; }
-template <> inline uint16_t from_f<c10::BFloat16>(float v) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(v != v ? 0x7fc0u : rounded);
-}
-
-template <typename T> bits_t<T>* raw(const at::Tensor& t) {
-  return reinterpret_cast<bits_t<T>*>(t.data_ptr<T>());
 }
 
 template <typename T>

@@ -6,9 +6,10 @@
 
 Sources are file names in csrc/ (or absolute paths). Builds go to
 `$FASTAGENT_CACHE/torch_extensions/<name>-<tag>` (default cache: ~/.cache/fastagent), where the tag
-hashes the torch version, the Python version and this CPU's instruction-set flags: the code is built
-with -march=native, so a home directory shared with an older CPU must not reuse the binary. The first
-build takes ~20 s; later loads are cached by torch (it rebuilds when a source changes).
+hashes the torch version, the Python version, this CPU's instruction-set flags (the code is built
+with -march=native, so a home directory shared with an older CPU must not reuse the binary) and the
+shared headers in csrc/ (fastmath.h). The first build takes ~20 s; later loads are cached by torch
+(it rebuilds when a source changes).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def _build_tag() -> str:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         flags = platform.processor()
-    key = f"{torch.__version__}|{sys.version_info[:2]}|{flags}"
+    # torch rebuilds when a listed source changes, not when a header it includes does: the headers'
+    # contents are part of the key
+    headers = "".join(h.read_text() for h in sorted(CSRC.glob("*.h")))
+    key = f"{torch.__version__}|{sys.version_info[:2]}|{flags}|{headers}"
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
