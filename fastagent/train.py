@@ -246,9 +246,14 @@ def train_sft(cfg: Config, info: dist.DistInfo, model: torch.nn.Module, tokenize
 
     # ---- model: fp32 master weights, bf16 compute (FSDP2 mixed precision on GPU, autocast everywhere)
     amp = torch.bfloat16 if model_dtype(cfg, info) == torch.bfloat16 else None
-    if amp is not None and info.device.type == "cpu" and not cpu_has_bf16():
-        print0("[sft] note: this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 autocast runs ~3.5x "
-               "slower than fp32 here (measured on SmolLM2-135M); --dtype=fp32 is faster")
+    flags = cpu_flags()
+    if info.device.type == "cpu" and flags is not None:
+        if amp is not None and not flags & {"avx512_bf16", "amx_bf16"}:
+            print0("[sft] note: this CPU has no native bf16 (AVX512-BF16 / AMX): bf16 autocast runs ~3.5x "
+                   "slower than fp32 here (measured on SmolLM2-135M); --dtype=fp32 is faster")
+        elif amp is None and "amx_bf16" in flags:
+            print0("[sft] note: this CPU has AMX: --dtype=bf16 (autocast over fp32 weights) trained 1.7x faster "
+                   "than fp32 on one (SmolLM2-135M, 4 x 512); auto keeps fp32 on CPU for exact vLLM parity")
     model.to(torch.float32)
     prepare_for_training(model, cfg.grad_checkpointing)  # sparse tied embedding, fused layers
     model = dist.shard_model(model, bf16_compute=amp is not None and info.device.type == "cuda")
@@ -362,12 +367,14 @@ def model_dtype(cfg: Config, info: dist.DistInfo) -> torch.dtype:
     return resolve_dtype(cfg.dtype, info.device)
 
 
-def cpu_has_bf16() -> bool:
+def cpu_flags() -> set[str] | None:
+    """This CPU's instruction-set flags (/proc/cpuinfo), None where unknown."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return True  # unknown: say nothing
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def dist_sum(x: torch.Tensor) -> torch.Tensor:
