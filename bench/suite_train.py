@@ -130,14 +130,11 @@ def _spawn(kind: str, model: str, dtype: str, micro: int, warmup: int, steps: in
     return res
 
 
-def _merge(acc: dict, res: dict, warmup: int) -> dict:
-    """Pool a loop's timed steps over runs: tokens/s at the median of all, the highest peak."""
-    if not acc:
-        return res | {"timed": res["steps_s"][warmup:]}
-    timed = acc["timed"] + res["steps_s"][warmup:]
-    median = sorted(timed)[len(timed) // 2]
-    return {"tokens_per_s": BATCH * SEQ / median, "s_per_step": median, "timed": timed,
-            "peak_mb": max(acc["peak_mb"], res["peak_mb"]), "steps_s": acc["steps_s"] + res["steps_s"]}
+def _pool(runs: list[dict], warmup: int) -> dict:
+    """One loop's runs pooled: tokens/s at the median of all their timed steps, the highest peak."""
+    timed = sorted(t for r in runs for t in r["steps_s"][warmup:])
+    median = timed[len(timed) // 2]
+    return {"tokens_per_s": BATCH * SEQ / median, "s_per_step": median, "peak_mb": max(r["peak_mb"] for r in runs)}
 
 
 def run(args) -> dict:
@@ -149,11 +146,11 @@ def run(args) -> dict:
     threads = args.threads or 0
     print(f"   T1: {model}, {dtype}, batch {BATCH} x {SEQ}, {warmup} warm-up + {steps} timed steps per loop",
           file=sys.stderr, flush=True)
-    rounds = 1 if args.quick else 2
-    plain, lean = {}, {}
-    for _ in range(rounds):  # alternately: a drift of the machine's speed hits both alike
-        plain = _merge(plain, _spawn("plain", model, dtype, BATCH, warmup, steps, threads), warmup)
-        lean = _merge(lean, _spawn("lean", model, dtype, micro, warmup, steps, threads), warmup)
+    plain_runs, lean_runs = [], []
+    for _ in range(1 if args.quick else 2):  # alternately: a drift of the machine's speed hits both alike
+        plain_runs.append(_spawn("plain", model, dtype, BATCH, warmup, steps, threads))
+        lean_runs.append(_spawn("lean", model, dtype, micro, warmup, steps, threads))
+    plain, lean = _pool(plain_runs, warmup), _pool(lean_runs, warmup)
     out = {"T1_model": model, "T1_dtype": dtype, "T1_batch": f"{BATCH}x{SEQ}", "T1_micro_batch_size": micro,
            "T1_plain_tokens_per_s": round(plain["tokens_per_s"], 1),
            "T1_lean_tokens_per_s": round(lean["tokens_per_s"], 1),

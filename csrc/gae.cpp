@@ -10,6 +10,8 @@
 // OpenMP over sequences (large batches only); the recursion within a sequence is sequential.
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -23,18 +25,11 @@
 
 namespace {
 
-constexpr int64_t kMinTokensPerThread = 1 << 18;
-
 template <typename T>
 void gae_sequences(const T* rewards, const T* values, const bool* mask, const int64_t* cu,
                    int64_t num_seqs, float gamma, float lam, float* adv, float* ret) {
   const float gl = gamma * lam;
-  // Threads only for big batches: ~1.5 ns per token, so below kMinTokensPerThread a second thread
-  // saves less than a wake-up costs on a busy machine (measured: 0.2 ms alone vs 8 ms waiting for
-  // a core with 2 threads on 2 loaded cores, at 64 x 2048).
-  const int64_t n = cu[num_seqs] - cu[0];
-  const int threads = static_cast<int>(
-      std::clamp<int64_t>(n / kMinTokensPerThread, 1, omp_get_max_threads()));
+  const int threads = fastagent::num_threads_for(cu[num_seqs] - cu[0]);  // big batches only
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && num_seqs > 1)
   for (int64_t s = 0; s < num_seqs; ++s) {
     float next_value = 0.f, gae = 0.f;

@@ -20,7 +20,7 @@
 
 #include <torch/extension.h>
 
-#include "fastmath.h"
+#include "common.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

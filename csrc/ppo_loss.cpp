@@ -16,6 +16,8 @@
 // result does not depend on the number of threads.
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -30,15 +32,9 @@
 
 namespace {
 
-constexpr int64_t kChunk = 2048;
-// Threads only for big inputs: at ~1 ns per token a second thread saves less than its wake-up costs
-// on a busy machine below this (measured at 64 x 2048 on 2 loaded cores: 0.15 ms on one thread,
-// ~8 ms when the call has to wait for a second core).
-constexpr int64_t kMinTokensPerThread = 1 << 18;
+using fastagent::num_threads_for;
 
-int num_threads_for(int64_t n) {
-  return static_cast<int>(std::clamp<int64_t>(n / kMinTokensPerThread, 1, omp_get_max_threads()));
-}
+constexpr int64_t kChunk = 2048;
 
 // Layout of the sums vector; kernels/ppo_loss.py mirrors it (SUM_* constants).
 enum { kSumLoss, kSumPg, kSumKl, kSumEnt, kSumClip, kSumDual, kSumApproxKl, kSumWeight, kNumSums };

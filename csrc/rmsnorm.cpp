@@ -12,7 +12,7 @@
 // per thread, and the threads' rows are added at the end.
 #include <torch/extension.h>
 
-#include "fastmath.h"
+#include "common.h"
 
 #include <omp.h>
 
@@ -22,25 +22,13 @@
 #include <type_traits>
 #include <vector>
 
-// fp32 and bf16 (the Python side sends other dtypes to the torch reference)
-#define FASTAGENT_FP32_BF16_CASES(...) \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
-
 namespace {
 
 using namespace fastagent;
 
 using BF16 = c10::BFloat16;
 
-// Threads only for big inputs: ~0.4 ns per element forward, ~0.6 backward (one core, H = 576), so
-// below this a second thread saves less than waking it costs on a busy machine (the same budget as
-// kMinTokensPerThread in gae.cpp).
-constexpr int64_t kMinElemsPerThread = 1 << 18;
 constexpr int64_t kRowBlock = 64;  // rows summed in fp32 before dw's fp64 running sum
-
-int num_threads_for(int64_t n) {
-  return static_cast<int>(std::clamp<int64_t>(n / kMinElemsPerThread, 1, omp_get_max_threads()));
-}
 
 // y's element type: torch's promotion of (W, T), which for fp32/bf16 is bf16 only if both are.
 template <typename T, typename W>

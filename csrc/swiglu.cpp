@@ -8,7 +8,7 @@
 // chunks of kChunk elements (large inputs only), `omp simd` inside a chunk.
 #include <torch/extension.h>
 
-#include "fastmath.h"
+#include "common.h"
 
 #include <omp.h>
 
@@ -22,23 +22,11 @@
 // 1.69 -> 1.27 ms; fp32, memory-bound, unchanged). A no-op without AVX-512.
 #pragma GCC target("prefer-vector-width=512")
 
-// fp32 and bf16 (the Python side sends other dtypes to the torch reference)
-#define FASTAGENT_FP32_BF16_CASES(...) \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
-
 namespace {
 
 using namespace fastagent;
 
 constexpr int64_t kChunk = 1 << 14;  // elements per OpenMP work item (64 KiB of fp32)
-// Threads only for big inputs: ~0.5 ns per element forward, ~0.8 backward (one core), so below
-// this a second thread saves less than waking it costs on a busy machine (the same budget as
-// kMinTokensPerThread in gae.cpp).
-constexpr int64_t kMinElemsPerThread = 1 << 18;
-
-int num_threads_for(int64_t n) {
-  return static_cast<int>(std::clamp<int64_t>(n / kMinElemsPerThread, 1, omp_get_max_threads()));
-}
 
 // sigmoid from e = exp(-|x|) in (0, 1]: no overflow for large |x| of either sign.
 inline float sigmoid(float x) {
@@ -47,37 +35,38 @@ inline float sigmoid(float x) {
   return x >= 0.0f ? inv : e * inv;
 }
 
-template <typename T>
-void silu_mul_flat(const bits_t<T>* gate, const bits_t<T>* up, int64_t n, bits_t<T>* y) {
+// body(j0, j1) over [0, n) in chunks of kChunk, the chunks spread over threads (big inputs only).
+template <typename Body>
+inline void for_chunks(int64_t n, Body body) {
   const int threads = num_threads_for(n);
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    const int64_t j1 = std::min(n, (c + 1) * kChunk);
+  for (int64_t c = 0; c < num_chunks; ++c) body(c * kChunk, std::min(n, (c + 1) * kChunk));
+}
+
+template <typename T>
+void silu_mul_flat(const bits_t<T>* gate, const bits_t<T>* up, int64_t n, bits_t<T>* y) {
+  for_chunks(n, [=](int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = c * kChunk; j < j1; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const float g = to_f(gate[j]);
       y[j] = from_f<T>(g * sigmoid(g) * to_f(up[j]));
     }
-  }
+  });
 }
 
 template <typename T>
 void silu_mul_bwd_flat(const bits_t<T>* dy, const bits_t<T>* gate, const bits_t<T>* up, int64_t n,
                        bits_t<T>* dgate, bits_t<T>* dup) {
-  const int threads = num_threads_for(n);
-  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    const int64_t j1 = std::min(n, (c + 1) * kChunk);
+  for_chunks(n, [=](int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = c * kChunk; j < j1; ++j) {
+    for (int64_t j = j0; j < j1; ++j) {
       const float g = to_f(gate[j]), u = to_f(up[j]), d = to_f(dy[j]);
       const float s = sigmoid(g);
       dgate[j] = from_f<T>(d * u * s * (1.0f + g * (1.0f - s)));
       dup[j] = from_f<T>(d * g * s);
     }
-  }
+  });
 }
 
 void check_flat(const at::Tensor& t, const at::Tensor& like, const char* what) {

@@ -32,6 +32,8 @@ from functools import partial
 
 import torch
 
+from fastagent.kernels import rms_norm, silu_mul
+
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
@@ -63,12 +65,10 @@ def sparse_tied_embedding(model: torch.nn.Module) -> bool:
 
 
 def _rms_norm_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    from fastagent.kernels import rms_norm
     return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
 def _swiglu_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from fastagent.kernels import silu_mul
     return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 

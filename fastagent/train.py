@@ -43,6 +43,7 @@ from fastagent import dist
 from fastagent.ckpt import DiskFullError
 from fastagent.config import Config, ConfigError, parse_args, usage
 from fastagent.kernels import fused_linear_cross_entropy
+from fastagent.kernels._cpp import cpu_flags
 from fastagent.lean import keep_freed_memory, prepare_for_training
 from fastagent.log import Metrics, print0
 
@@ -365,16 +366,6 @@ def eval_stage(cfg: Config, info: dist.DistInfo, run_dir: Path) -> int:
 def model_dtype(cfg: Config, info: dist.DistInfo) -> torch.dtype:
     from fastagent.model import resolve_dtype
     return resolve_dtype(cfg.dtype, info.device)
-
-
-def cpu_flags() -> set[str] | None:
-    """This CPU's instruction-set flags (/proc/cpuinfo), None where unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def dist_sum(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ Sources are file names in csrc/ (or absolute paths). Builds go to
 `$FASTAGENT_CACHE/torch_extensions/<name>-<tag>` (default cache: ~/.cache/fastagent), where the tag
 hashes the torch version, the Python version, this CPU's instruction-set flags (the code is built
 with -march=native, so a home directory shared with an older CPU must not reuse the binary) and the
-shared headers in csrc/ (fastmath.h). The first build takes ~20 s; later loads are cached by torch
+shared headers in csrc/ (common.h). The first build takes ~20 s; later loads are cached by torch
 (it rebuilds when a source changes).
 """
 
@@ -42,15 +42,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTAGENT_CACHE", Path.home() / ".cache" / "fastagent"))
 
 
+def cpu_flags() -> set[str] | None:
+    """This CPU's instruction-set flags (/proc/cpuinfo), None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    return set(line.partition(":")[2].split())
+
+
 def _build_tag() -> str:
     import torch
 
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
+    known = cpu_flags()
+    flags = " ".join(sorted(known)) if known is not None else platform.processor()
     # torch rebuilds when a listed source changes, not when a header it includes does: the headers'
     # contents are part of the key
     headers = "".join(h.read_text() for h in sorted(CSRC.glob("*.h")))
